@@ -1,0 +1,231 @@
+"""Messages <-> Cap'n Proto bytes.  The only module that imports capnp.
+
+Decoding is zero-copy: tensor payloads come back as views into the received buffer
+(`get_data_as_view`), which the returned message keeps alive.  Anything that is not a
+well-formed message of the expected kind raises `CodecError` with a short reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+import typing
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import capnp
+import numpy as np
+
+from pangea import messages as m
+
+# Large tensors exceed pycapnp's default traversal limit (64 MiB); payload size is
+# bounded by the server's max payload instead.
+_TRAVERSAL_LIMIT_WORDS = 2**62
+_NESTING_LIMIT = 16
+
+_STRUCTS: dict[type, str] = {
+    m.Batch: "Batch",
+    m.Gradient: "Gradient",
+    m.Params: "Params",
+    m.RoundPlan: "RoundPlan",
+    m.Heartbeat: "Heartbeat",
+    m.JobSpec: "JobSpec",
+    m.RoundDone: "RoundDone",
+}
+_KINDS: dict[type, str] = {
+    m.Batch: "batch",
+    m.Gradient: "gradient",
+    m.Params: "params",
+    m.RoundPlan: "roundPlan",
+    m.Heartbeat: "heartbeat",
+    m.JobSpec: "jobSpec",
+    m.RoundDone: "roundDone",
+}
+_HEADER_FIELDS = ("job", "sender")
+
+
+class CodecError(ValueError):
+    """Bytes that are not a valid Pangea message of the expected kind."""
+
+
+def schema_path() -> Path:
+    """Path of `tensor.capnp`: installed package data, or the repository's `schemas/`."""
+    try:
+        packaged = resources.files("pangea.schemas") / "tensor.capnp"
+        if packaged.is_file():
+            return Path(str(packaged))
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "schemas" / "tensor.capnp"
+
+
+@cache
+def schema():
+    """The loaded Cap'n Proto schema module."""
+    return capnp.load(str(schema_path()), imports=[])
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+@cache
+def _hints(cls: type) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode(message: m.Message) -> bytes:
+    """Serialize one message to Cap'n Proto bytes (unpacked, single frame)."""
+    cls = type(message)
+    if cls not in _STRUCTS:
+        raise TypeError(f"cannot encode {cls.__name__}")
+    builder = getattr(schema(), _STRUCTS[cls]).new_message()
+    header = builder.init("header")
+    header.schemaVersion = m.SCHEMA_VERSION
+    header.kind = _KINDS[cls]
+    header.job = message.job
+    header.sender = message.sender
+    for f in dataclasses.fields(cls):
+        if f.name in _HEADER_FIELDS:
+            continue
+        _set(builder, _camel(f.name), _hints(cls)[f.name], getattr(message, f.name))
+    return _to_bytes(builder)
+
+
+def _set(builder, name: str, hint, value) -> None:
+    if hint is m.Tensor:
+        _set_tensor(builder.init(name), value)
+    elif hint is m.Chunk:
+        chunk = builder.init(name)
+        chunk.index, chunk.count = value.index, value.count
+        chunk.offset, chunk.total = value.offset, value.total
+    elif typing.get_origin(hint) is tuple:
+        (item_hint, _) = typing.get_args(hint)
+        items = builder.init(name, len(value))
+        if item_hint is m.Shard:
+            for item, shard in zip(items, value):
+                item.worker, item.start, item.stop = shard.worker, shard.start, shard.stop
+        else:
+            for i, v in enumerate(value):
+                items[i] = v
+    else:
+        setattr(builder, name, value)
+
+
+def _set_tensor(builder, tensor: m.Tensor) -> None:
+    builder.dtype = tensor.dtype
+    builder.name = tensor.name
+    shape = builder.init("shape", len(tensor.shape))
+    for i, s in enumerate(tensor.shape):
+        shape[i] = s
+    builder.data = tensor.data
+
+
+def _to_bytes(builder) -> bytes:
+    # Frame the segments ourselves: pycapnp's to_bytes() is several times slower for
+    # large Data fields than to_segments() plus one join.
+    segments = builder.to_segments()
+    count = len(segments)
+    table = struct.pack(f"<I{count}I", count - 1, *(len(s) // 8 for s in segments))
+    if count % 2 == 0:
+        table += b"\0\0\0\0"
+    return b"".join([table, *segments])
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode(payload: bytes | memoryview, expected: type | None = None) -> m.Message:
+    """Parse bytes into a message; `expected` restricts the kind (else any kind is accepted)."""
+    kind = peek_kind(payload)
+    cls = next((c for c, k in _KINDS.items() if k == kind), None)
+    if cls is None:
+        raise CodecError(f"unknown message kind {kind!r}")
+    if expected is not None and cls is not expected:
+        raise CodecError(f"expected {expected.__name__}, got {cls.__name__}")
+    try:
+        with _reader(payload, _STRUCTS[cls]) as reader:
+            fields = {"job": reader.header.job, "sender": reader.header.sender}
+            for f in dataclasses.fields(cls):
+                if f.name not in _HEADER_FIELDS:
+                    fields[f.name] = _get(reader, _camel(f.name), _hints(cls)[f.name], payload)
+    except CodecError:
+        raise
+    except (capnp.KjException, ValueError, UnicodeDecodeError, AttributeError) as exc:
+        raise CodecError(f"malformed {cls.__name__}: {_short(exc)}") from None
+    return cls(**fields)
+
+
+def peek_kind(payload: bytes | memoryview) -> str:
+    """The `kind` named in a message's header (every Pangea struct starts with one)."""
+    if len(payload) < 8 or len(payload) % 8:
+        raise CodecError(f"not a Cap'n Proto message ({len(payload)} bytes)")
+    try:
+        with _reader(payload, "Batch") as reader:
+            header = reader.header
+            version, kind = header.schemaVersion, str(header.kind)
+    except (capnp.KjException, ValueError) as exc:
+        raise CodecError(f"not a Cap'n Proto message: {_short(exc)}") from None
+    if version != m.SCHEMA_VERSION:
+        raise CodecError(f"schema version {version}, expected {m.SCHEMA_VERSION}")
+    return kind
+
+
+def _reader(payload, struct_name: str):
+    return getattr(schema(), struct_name).from_bytes(
+        payload, traversal_limit_in_words=_TRAVERSAL_LIMIT_WORDS, nesting_limit=_NESTING_LIMIT
+    )
+
+
+def _get(reader, name: str, hint, payload):
+    value = getattr(reader, name)
+    if hint is m.Tensor:
+        return _get_tensor(value, payload)
+    if hint is m.Chunk:
+        return m.Chunk(value.index, value.count, value.offset, value.total)
+    if typing.get_origin(hint) is tuple:
+        (item_hint, _) = typing.get_args(hint)
+        if item_hint is m.Shard:
+            return tuple(m.Shard(s.worker, s.start, s.stop) for s in value)
+        return tuple(item_hint(v) for v in value)
+    return hint(value) if hint in (int, float, bool, str) else value
+
+
+def _get_tensor(reader, payload) -> m.Tensor:
+    dtype = str(reader.dtype)
+    if dtype not in m.DTYPES:
+        raise CodecError(f"unknown dtype {dtype!r}")
+    shape = tuple(int(s) for s in reader.shape)
+    view = reader.get_data_as_view("data")
+    expected = math.prod(shape) * m.DTYPES[dtype].itemsize
+    if len(view) != expected:
+        raise CodecError(f"tensor {reader.name!r}: {len(view)} bytes for shape {shape} {dtype}")
+    return m.Tensor(dtype, shape, _pinned(view, payload), str(reader.name))
+
+
+def _pinned(view: memoryview, payload) -> memoryview:
+    """The same bytes as `view`, as a slice of `payload` so that it keeps `payload` alive.
+
+    pycapnp's view does not reference the buffer it points into; a slice of the payload
+    does.  Only if capnp had to copy an unaligned payload does the view lie elsewhere:
+    then the bytes are copied once.
+    """
+    if not len(view):
+        return memoryview(b"")
+    whole = memoryview(payload).cast("B")
+    base = np.frombuffer(whole, np.uint8).ctypes.data
+    offset = np.frombuffer(view, np.uint8).ctypes.data - base
+    if 0 <= offset and offset + len(view) <= len(whole):
+        return whole[offset : offset + len(view)]
+    return memoryview(bytes(view))
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "description", None) or exc).strip().splitlines()
+    return text[-1][:200] if text else type(exc).__name__

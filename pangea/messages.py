@@ -1,0 +1,193 @@
+"""Pangea's own message types: what the roles handle, independent of the wire format.
+
+`pangea.codec` turns these into Cap'n Proto bytes and back; nothing here knows about
+capnp or NATS.  Tensors keep their payload as a buffer so decoding stays zero-copy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+# dtype name -> (numpy dtype used to hold the raw bytes, itemsize).  numpy has no
+# bfloat16: its bytes are carried as uint16 and reinterpreted by torch.
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+    "float64": np.dtype("<f8"),
+    "int64": np.dtype("<i8"),
+    "int32": np.dtype("<i4"),
+    "int16": np.dtype("<i2"),
+    "int8": np.dtype("i1"),
+    "uint8": np.dtype("u1"),
+    "bool": np.dtype("?"),
+}
+_NUMPY_TO_NAME = {np.dtype(v).newbyteorder("="): k for k, v in DTYPES.items() if k != "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A typed n-d array whose bytes may be a zero-copy view into a received message."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+    name: str = ""
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray, name: str = "") -> Tensor:
+        """Wrap a numpy array (made C-contiguous and little-endian if it is not already)."""
+        key = np.dtype(array.dtype).newbyteorder("=")
+        if key not in _NUMPY_TO_NAME:
+            raise TypeError(f"unsupported numpy dtype {array.dtype}")
+        dtype = _NUMPY_TO_NAME[key]
+        array = np.ascontiguousarray(array, dtype=DTYPES[dtype])
+        return cls(dtype, tuple(int(s) for s in array.shape), memoryview(array).cast("B"), name)
+
+    @classmethod
+    def from_torch(cls, tensor, name: str = "") -> Tensor:
+        """Wrap a CPU torch tensor (bfloat16 included) without copying when it is contiguous."""
+        import torch
+
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.dtype == torch.bfloat16:
+            raw = tensor.view(torch.int16).numpy()
+            return cls("bfloat16", tuple(tensor.shape), memoryview(raw).cast("B"), name)
+        return cls.from_numpy(tensor.numpy(), name)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def numpy(self) -> np.ndarray:
+        """A read-only numpy view of the payload (bfloat16 comes back as its raw uint16 bits)."""
+        return np.frombuffer(self.data, dtype=DTYPES[self.dtype]).reshape(self.shape)
+
+    def torch(self):
+        """A torch view of the payload with the right dtype (bfloat16 included)."""
+        import torch
+
+        if self.dtype == "bfloat16":
+            flat = torch.from_numpy(self.numpy().reshape(-1).view(np.int16)).view(torch.bfloat16)
+            return flat.reshape(self.shape)
+        return torch.from_numpy(self.numpy())
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Slice [offset, offset + n) of a flat vector of `total` elements; chunk `index` of `count`."""
+
+    index: int
+    count: int
+    offset: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    job: str
+    sender: str
+    round: int
+    epoch: int
+    step: int
+    worker: str
+    shard: int
+    start: int
+    stop: int
+    x: Tensor
+    y: Tensor
+
+
+@dataclass(frozen=True)
+class Gradient:
+    job: str
+    sender: str
+    round: int
+    shard: int
+    num_samples: int
+    loss: float
+    params_version: int
+    chunk: Chunk
+    values: Tensor
+
+
+@dataclass(frozen=True)
+class Params:
+    job: str
+    sender: str
+    version: int
+    final: bool
+    layout_hash: str
+    chunk: Chunk
+    values: Tensor
+
+
+@dataclass(frozen=True)
+class Shard:
+    worker: str
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    job: str
+    sender: str
+    round: int
+    epoch: int
+    step: int
+    batch_size: int
+    shards: tuple[Shard, ...]
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    job: str
+    sender: str
+    worker: str
+    host: str
+    pid: int
+    sent_at: float
+    shards_done: int = 0
+    params_version: int = 0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job: str
+    sender: str
+    model: str
+    hidden: tuple[int, ...]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    num_params: int
+    layout_hash: str
+    total_rounds: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class RoundDone:
+    job: str
+    sender: str
+    round: int
+    total_rounds: int
+    epoch: int
+    loss: float
+    seconds: float
+    num_samples: int
+    test_accuracy: float = float("nan")
+    workers: tuple[str, ...] = field(default_factory=tuple)
+
+
+Message = Batch | Gradient | Params | RoundPlan | Heartbeat | JobSpec | RoundDone

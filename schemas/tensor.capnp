@@ -1,0 +1,144 @@
+@0xf10c1a066822f431;
+# Pangea wire format: the single source of truth for every message on the bus.
+#
+# Every top-level message starts with a Header whose `kind` names the struct, so a
+# valid message of the wrong type is refused instead of being misread.  Big vectors
+# (gradients, parameters) travel as Chunks: slices of the model's flat float vector,
+# each a self-contained message that fits the server's max payload.
+
+const schemaVersion :UInt16 = 1;
+
+enum Kind {
+  unknown @0;
+  batch @1;
+  gradient @2;
+  params @3;
+  roundPlan @4;
+  heartbeat @5;
+  jobSpec @6;
+  roundDone @7;
+}
+
+struct Header {
+  schemaVersion @0 :UInt16;
+  kind @1 :Kind;
+  job @2 :Text;
+  sender @3 :Text;        # worker id, "orchestrator" or "preprocessor"
+}
+
+enum DType {
+  float32 @0;
+  float16 @1;
+  bfloat16 @2;
+  float64 @3;
+  int64 @4;
+  int32 @5;
+  int16 @6;
+  int8 @7;
+  uint8 @8;
+  bool @9;
+}
+
+struct Tensor {
+  dtype @0 :DType;
+  shape @1 :List(UInt64);
+  data @2 :Data;          # little-endian, C order, exactly prod(shape) * itemsize bytes
+  name @3 :Text;
+}
+
+# A slice [offset, offset + values.len) of a flat vector of `total` elements.
+struct Chunk {
+  index @0 :UInt32;
+  count @1 :UInt32;
+  offset @2 :UInt64;
+  total @3 :UInt64;
+}
+
+# One worker's share of global batch `round`: rows [start, stop) of that global batch.
+struct Batch {
+  header @0 :Header;
+  round @1 :UInt64;
+  epoch @2 :UInt32;
+  step @3 :UInt32;        # index of the global batch within its epoch
+  worker @4 :Text;
+  shard @5 :UInt32;       # index of this shard in the round plan
+  start @6 :UInt32;
+  stop @7 :UInt32;
+  x @8 :Tensor;
+  y @9 :Tensor;
+}
+
+# A worker's gradient of the mean loss on one shard, one chunk at a time.
+struct Gradient {
+  header @0 :Header;
+  round @1 :UInt64;
+  shard @2 :UInt32;
+  numSamples @3 :UInt32;
+  loss @4 :Float64;       # mean loss over the shard
+  paramsVersion @5 :UInt64;
+  chunk @6 :Chunk;
+  values @7 :Tensor;
+}
+
+# Parameters after `version` optimizer steps, one chunk at a time.
+struct Params {
+  header @0 :Header;
+  version @1 :UInt64;
+  final @2 :Bool;         # the job is over after this version
+  layoutHash @3 :Text;
+  chunk @4 :Chunk;
+  values @5 :Tensor;
+}
+
+struct Shard {
+  worker @0 :Text;
+  start @1 :UInt32;
+  stop @2 :UInt32;
+}
+
+# Who computes what in round `round`: global batch `step` of `epoch`, split into shards.
+struct RoundPlan {
+  header @0 :Header;
+  round @1 :UInt64;
+  epoch @2 :UInt32;
+  step @3 :UInt32;
+  batchSize @4 :UInt32;   # rows of this global batch (the last batch of an epoch may be short)
+  shards @5 :List(Shard);
+  final @6 :Bool;         # no more rounds: the preprocessor may stop
+}
+
+struct Heartbeat {
+  header @0 :Header;
+  worker @1 :Text;
+  host @2 :Text;
+  pid @3 :UInt32;
+  sentAt @4 :Float64;     # unix seconds
+  shardsDone @5 :UInt64;
+  paramsVersion @6 :UInt64;
+}
+
+# What a worker needs to join the job: stored in the job's KV bucket.
+struct JobSpec {
+  header @0 :Header;
+  model @1 :Text;
+  hidden @2 :List(UInt32);
+  inputShape @3 :List(UInt64);
+  numClasses @4 :UInt32;
+  numParams @5 :UInt64;
+  layoutHash @6 :Text;
+  totalRounds @7 :UInt64;
+  seed @8 :UInt64;
+}
+
+# Published by the orchestrator after each optimizer step (progress, status).
+struct RoundDone {
+  header @0 :Header;
+  round @1 :UInt64;
+  totalRounds @2 :UInt64;
+  epoch @3 :UInt32;
+  loss @4 :Float64;
+  seconds @5 :Float64;
+  numSamples @6 :UInt32;
+  testAccuracy @7 :Float64;   # NaN when not evaluated this round
+  workers @8 :List(Text);
+}
