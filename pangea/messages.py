@@ -7,6 +7,7 @@ capnp or NATS.  Tensors keep their payload as a buffer so decoding stays zero-co
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,10 +73,13 @@ class Tensor:
         """A torch view of the payload with the right dtype (bfloat16 included)."""
         import torch
 
-        if self.dtype == "bfloat16":
-            flat = torch.from_numpy(self.numpy().reshape(-1).view(np.int16)).view(torch.bfloat16)
-            return flat.reshape(self.shape)
-        return torch.from_numpy(self.numpy())
+        with warnings.catch_warnings():
+            # Received payloads are read-only buffers; torch warns but shares them fine.
+            warnings.simplefilter("ignore", UserWarning)
+            if self.dtype == "bfloat16":
+                flat = torch.from_numpy(self.numpy().reshape(-1).view(np.int16)).view(torch.bfloat16)
+                return flat.reshape(self.shape)
+            return torch.from_numpy(self.numpy())
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,9 @@ class JobSpec:
     layout_hash: str
     total_rounds: int
     seed: int
+    dataset: str
+    batch_size: int
+    epochs: int
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,9 @@ struct JobSpec {
   layoutHash @6 :Text;
   totalRounds @7 :UInt64;
   seed @8 :UInt64;
+  dataset @9 :Text;
+  batchSize @10 :UInt32;
+  epochs @11 :UInt32;
 }
 
 # Published by the orchestrator after each optimizer step (progress, status).

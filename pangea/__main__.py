@@ -1,0 +1,5 @@
+import sys
+
+from pangea.cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""The sample-weighted mean of one round's shard gradients, reduced chunk by chunk.
+
+Pure numpy, no I/O: memory is one float64 accumulator whatever the number of workers.
+Every refusal raises `Rejected` with a short machine-readable reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pangea import chunking
+from pangea.messages import Chunk
+
+
+class Rejected(ValueError):
+    """A contribution that must not reach the average; `reason` is a short counter name."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class RoundAccumulator:
+    """Streaming sum of n_k * g_k over the shards of one round; `mean()` once complete."""
+
+    def __init__(self, round_: int, numel: int, shard_sizes: dict[int, int]) -> None:
+        self.round = round_
+        self.numel = numel
+        self.shard_sizes = dict(shard_sizes)
+        self.total_samples = sum(shard_sizes.values())
+        self._sum = np.zeros(numel, dtype=np.float64)
+        self._chunk_counts: dict[int, int] = {}
+        self._seen: dict[int, set[int]] = {s: set() for s in shard_sizes}
+        self._loss: dict[int, float] = {}
+
+    def add(self, shard: int, num_samples: int, loss: float, chunk: Chunk, values: np.ndarray) -> None:
+        """Add one chunk of one shard's gradient (the mean over that shard's samples)."""
+        if shard not in self.shard_sizes:
+            raise Rejected("unknown_shard", f"round {self.round} has no shard {shard}")
+        if num_samples != self.shard_sizes[shard]:
+            raise Rejected(
+                "wrong_samples", f"shard {shard} has {self.shard_sizes[shard]} samples, got {num_samples}"
+            )
+        if values.ndim != 1:
+            raise Rejected("wrong_shape", f"chunk values must be 1-d, got shape {values.shape}")
+        problem = chunking.check(chunk, values.shape[0], self.numel)
+        if problem:
+            raise Rejected("wrong_shape", problem)
+        expected_count = self._chunk_counts.setdefault(shard, chunk.count)
+        if chunk.count != expected_count:
+            raise Rejected("wrong_shape", f"shard {shard} chunk count {chunk.count} != {expected_count}")
+        if chunk.index in self._seen[shard]:
+            raise Rejected("duplicate", f"round {self.round} shard {shard} chunk {chunk.index} already counted")
+        if not np.isfinite(values).all() or not np.isfinite(loss):
+            raise Rejected("non_finite", f"round {self.round} shard {shard} chunk {chunk.index} has NaN/Inf")
+        stop = chunk.offset + values.shape[0]
+        # In-place multiply-add into the float64 sum: no temporary of the chunk's size in float64.
+        np.add(self._sum[chunk.offset : stop], values.astype(np.float64) * num_samples, out=self._sum[chunk.offset : stop])
+        self._seen[shard].add(chunk.index)
+        self._loss[shard] = float(loss)
+
+    def missing(self) -> list[int]:
+        """Shards not yet complete."""
+        return [s for s in self.shard_sizes if len(self._seen[s]) != self._chunk_counts.get(s, -1)]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing()
+
+    def mean(self) -> np.ndarray:
+        """The sample-weighted mean gradient, float32."""
+        if not self.complete:
+            raise RuntimeError(f"round {self.round} is missing shards {self.missing()}")
+        return (self._sum / self.total_samples).astype(np.float32)
+
+    def loss(self) -> float:
+        """The sample-weighted mean of the shards' mean losses: the global batch's mean loss."""
+        return sum(self._loss[s] * n for s, n in self.shard_sizes.items()) / self.total_samples
+
+
+def split_batch(batch_size: int, workers: list[str]) -> list[tuple[str, int, int]]:
+    """Cut a global batch into contiguous shards, one per worker, sizes differing by at most 1.
+
+    Workers beyond the batch size get no shard.
+    """
+    used = workers[: max(1, min(len(workers), batch_size))]
+    return [(w, *chunking.bounds(batch_size, len(used), i)) for i, w in enumerate(used)]

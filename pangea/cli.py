@@ -1,0 +1,198 @@
+"""`pangea`: thin commands, each settings -> build -> run -> close.
+
+Flags override PANGEA_* environment variables, which override defaults.  Mistakes a user
+can make end in one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from pangea import settings as cfg
+from pangea.bus.client import Bus, BusError
+from pangea.bus.server import ServerError
+from pangea.data import DataError
+from pangea.models import ModelError
+
+USER_ERRORS = (cfg.SettingsError, DataError, ModelError, BusError, ServerError)
+EXAMPLES = {
+    "run": "examples:\n  pangea run\n  pangea run --workers 4 --epochs 20 --out runs/digits4\n"
+    "  PANGEA_NATS_URL=nats://127.0.0.1:4222 pangea run --job exp1 --optimizer adam --lr 0.001",
+    "reference": "example:\n  pangea reference --epochs 20 --out runs/ref",
+    "orchestrator": "example:\n  pangea orchestrator --nats-url nats://127.0.0.1:4222 --job exp1 --workers 2 --out runs/exp1",
+    "preprocessor": "example:\n  pangea preprocessor --nats-url nats://127.0.0.1:4222 --job exp1",
+    "worker": "example:\n  pangea worker --nats-url nats://127.0.0.1:4222 --job exp1",
+    "delete": "example:\n  pangea delete --nats-url nats://127.0.0.1:4222 --job exp1",
+}
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (same for run and reference)")
+    g.add_argument("--dataset", help="digits, or a .npz with x_train, y_train, x_test, y_test")
+    g.add_argument("--model", help="mlp, or module:factory returning a torch.nn.Module")
+    g.add_argument("--hidden", help="hidden widths of mlp, e.g. 256,128")
+    g.add_argument("--epochs", help="passes over the training set")
+    g.add_argument("--batch-size", help="global batch size (independent of the worker count)")
+    g.add_argument("--lr", help="learning rate")
+    g.add_argument("--momentum", help="SGD momentum")
+    g.add_argument("--weight-decay", help="L2 weight decay")
+    g.add_argument("--optimizer", help="sgd or adam")
+    g.add_argument("--seed", help="seed of model init and batch order")
+
+
+def _bus_flags(p: argparse.ArgumentParser, job_help: str = "job name") -> None:
+    g = p.add_argument_group("bus")
+    g.add_argument("--nats-url", help="NATS URL(s), comma-separated (env PANGEA_NATS_URL)")
+    g.add_argument("--job", help=job_help)
+    g.add_argument("--chunk-bytes", help="largest tensor chunk per message")
+    g.add_argument("--storage", help="file or memory (JetStream storage)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pangea", description="Data-parallel PyTorch training over NATS JetStream.",
+        epilog="Every flag can also be set as a PANGEA_<NAME> environment variable (or in .env).",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help_, description=help_, epilog=EXAMPLES.get(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    run = command("run", "train with every role as a local process, on an embedded NATS unless PANGEA_NATS_URL")
+    _train_flags(run)
+    run.add_argument("--workers", help="number of worker processes (default 2)")
+    run.add_argument("--device", help="auto, cpu or cuda for the workers")
+    run.add_argument("--out", help="output directory (default runs/<job>)")
+    _bus_flags(run, "job name (default: generated)")
+
+    ref = command("reference", "train in one plain process with no bus: the yardstick for exactness")
+    _train_flags(ref)
+    ref.add_argument("--out", help="output directory (default runs/reference)")
+
+    orch = command("orchestrator", "run the orchestrator role: model, optimizer, round plans")
+    _train_flags(orch)
+    orch.add_argument("--workers", help="workers that must be present before round 0")
+    orch.add_argument("--out", help="output directory")
+    _bus_flags(orch)
+
+    pre = command("preprocessor", "run the preprocessor role: publishes each worker's shards")
+    pre.add_argument("--dataset", help="override the job's dataset path on this host")
+    _bus_flags(pre)
+
+    work = command("worker", "run one worker: joins the job by subscribing")
+    work.add_argument("--worker-id", help="worker id (default host-pid-random)")
+    work.add_argument("--device", help="auto, cpu or cuda")
+    work.add_argument("--torch-threads", help="torch intra-op threads (0: torch default)")
+    _bus_flags(work)
+
+    delete = command("delete", "remove a job's streams and buckets from the server")
+    _bus_flags(delete)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    skip = {"command", "log_level"}
+    return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+
+
+def _setup_logging(level: str, role: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)-7s [{role}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("nats").setLevel(logging.WARNING)
+
+
+def _run_async(main: Callable[[], object]) -> int:
+    """Run a coroutine function; SIGTERM/SIGINT cancel it and exit 143/130."""
+
+    async def wrapper() -> int:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        got: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda s=sig: (got.append(s), task.cancel()))
+        try:
+            await main()
+            return 0
+        except asyncio.CancelledError:
+            return 128 + (got[0] if got else signal.SIGTERM)
+
+    return asyncio.run(wrapper())
+
+
+def _role(name: str, settings, build) -> int:
+    async def main() -> None:
+        bus = await Bus.connect(settings, name)
+        try:
+            await build(settings, bus).run()
+        finally:
+            await bus.close()
+
+    return _run_async(main)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        args = parser.parse_args(["run", *(argv or [])])
+    _setup_logging(args.log_level, args.command)
+    try:
+        return _dispatch(args)
+    except USER_ERRORS as exc:
+        print(f"pangea {args.command}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, cfg.SettingsError) else 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    over = _overrides(args)
+    if args.command == "run":
+        from pangea.supervisor import Supervisor
+
+        return Supervisor(cfg.load(cfg.RunSettings, **over)).run()
+    if args.command == "reference":
+        from pangea.reference import train_reference
+
+        metrics = train_reference(cfg.load(cfg.ReferenceSettings, **over))
+        print(f"reference: final test accuracy {metrics.final_test_accuracy:.4f}")
+        return 0
+    if args.command == "orchestrator":
+        from pangea.roles.orchestrator import Orchestrator
+
+        return _role("orchestrator", cfg.load(cfg.OrchestratorSettings, **over), Orchestrator)
+    if args.command == "preprocessor":
+        from pangea.roles.preprocessor import Preprocessor
+
+        return _role("preprocessor", cfg.load(cfg.PreprocessorSettings, **over), Preprocessor)
+    if args.command == "worker":
+        from pangea.roles.worker import Worker
+
+        return _role("worker", cfg.load(cfg.WorkerSettings, **over), Worker)
+    if args.command == "delete":
+        settings = cfg.load(cfg.BusSettings, **over)
+
+        async def delete() -> None:
+            bus = await Bus.connect(settings, "delete")
+            try:
+                await bus.delete_job()
+            finally:
+                await bus.close()
+            print(f"deleted job {settings.job}")
+
+        return _run_async(delete)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""A run's files: params.npz, metrics.json and curves.png (the same for run, reference, replay)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pangea.layout import Layout
+
+
+@dataclass
+class Metrics:
+    """Everything a person may want to plot or compare after a run."""
+
+    job: str
+    mode: str  # "run" or "reference"
+    settings: dict
+    loss: list[float] = field(default_factory=list)  # per round
+    round_seconds: list[float] = field(default_factory=list)  # per round
+    samples: list[int] = field(default_factory=list)  # per round
+    workers: list[int] = field(default_factory=list)  # per round: workers in the plan
+    test_accuracy: list[float] = field(default_factory=list)  # per epoch
+    final_test_accuracy: float = math.nan
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
+    events: list[dict] = field(default_factory=list)  # notable things: joins, leaves, warnings
+    total_seconds: float = 0.0
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["samples_per_second"] = (
+            sum(self.samples) / self.total_seconds if self.total_seconds > 0 else None
+        )
+        return json.dumps(_finite(data), indent=2, default=str)
+
+
+def _finite(value):
+    """NaN is not JSON: write null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_outputs(out: Path, layout: Layout, flat_params: np.ndarray, metrics: Metrics) -> None:
+    """Write the three files of a run into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "params.npz", **layout.named_arrays(flat_params))
+    (out / "metrics.json").write_text(metrics.to_json())
+    plot_curves(metrics, out / "curves.png")
+
+
+def plot_curves(metrics: Metrics, path: Path) -> None:
+    """Loss per round and test accuracy per epoch, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(range(len(metrics.loss)), metrics.loss, lw=1)
+    ax_loss.set(xlabel="round", ylabel="training loss", title=f"{metrics.job}: loss")
+    ax_loss.set_yscale("log")
+    epochs = range(1, len(metrics.test_accuracy) + 1)
+    ax_acc.plot(epochs, metrics.test_accuracy, marker="o")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy", title=f"final {metrics.final_test_accuracy:.4f}")
+    ax_acc.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load_params(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """Largest |a - b| over all parameters; inf if the names or shapes differ."""
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        return math.inf
+    return max((float(np.max(np.abs(a[k] - b[k]))) if a[k].size else 0.0) for k in a)

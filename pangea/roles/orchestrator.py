@@ -1,0 +1,234 @@
+"""The orchestrator: owns the model and optimizer, plans rounds, averages, steps, broadcasts.
+
+Round r, read top to bottom:
+  plan r (live members, shards of global batch r) -> plans stream
+  collect every chunk of every shard's gradient for round r (stale/duplicate/foreign refused)
+  sample-weighted mean -> optimizer step -> params version r+1 -> params stream
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+
+from pangea import codec
+from pangea.aggregate import Rejected, RoundAccumulator, split_batch
+from pangea.bus import subjects
+from pangea.bus.client import Bus, BusError, Delivery
+from pangea.chunking import split
+from pangea.data import load_dataset, position, steps_per_epoch
+from pangea.layout import Layout
+from pangea.messages import Gradient, Heartbeat, JobSpec, Params, RoundDone, RoundPlan, Shard, Tensor
+from pangea.models import build_model
+from pangea.outputs import Metrics, write_outputs
+from pangea.settings import OrchestratorSettings
+from pangea.training import batch_rows, evaluate, make_optimizer, total_rounds
+
+log = logging.getLogger(__name__)
+SENDER = "orchestrator"
+
+
+class Orchestrator:
+    """Runs a job from round 0 to the end; `run()` returns the metrics it wrote."""
+
+    def __init__(self, settings: OrchestratorSettings, bus: Bus) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.job = settings.job
+        self.dataset = load_dataset(settings.dataset)
+        self.model = build_model(
+            settings.model, self.dataset.input_shape, self.dataset.num_classes, settings.hidden_sizes, settings.seed
+        )
+        self.layout = Layout.of(self.model)
+        self.optimizer = make_optimizer(settings, self.layout.params(self.model))
+        self.num_samples = len(self.dataset.x_train)
+        self.total_rounds = total_rounds(settings, self.dataset)
+        self.rejected: Counter[str] = Counter()
+        self.metrics = Metrics(job=self.job, mode="run", settings=settings.model_dump(mode="json"))
+
+    # ------------------------------------------------------------------ setup
+
+    async def start(self) -> None:
+        """Create the job on the bus: streams, buckets and the job spec."""
+        if await self.bus.job_exists():
+            raise BusError(
+                f"job {self.job!r} already has rounds on this server: choose another --job "
+                f"or remove it with `pangea delete --job {self.job}`"
+            )
+        await self.bus.ensure_job_streams(self.layout.numel * 4)
+        await self.bus.kv(subjects.members_bucket(self.job), ttl=self.settings.member_ttl)
+        spec = JobSpec(
+            job=self.job,
+            sender=SENDER,
+            model=self.settings.model,
+            hidden=self.settings.hidden_sizes,
+            input_shape=self.dataset.input_shape,
+            num_classes=self.dataset.num_classes,
+            num_params=self.layout.numel,
+            layout_hash=self.layout.hash,
+            total_rounds=self.total_rounds,
+            seed=self.settings.seed,
+            dataset=self.settings.dataset,
+            batch_size=self.settings.batch_size,
+            epochs=self.settings.epochs,
+        )
+        kv = await self.bus.kv(subjects.job_bucket(self.job))
+        await kv.put("spec", codec.encode(spec))
+        self._grads = await self.bus.pull("grads", subjects.grads(self.job), durable="orchestrator", batch=256)
+        log.info(
+            "job %s: %s on %s, %d parameters, %d rounds of %d samples",
+            self.job, self.settings.model, self.dataset.name, self.layout.numel, self.total_rounds,
+            self.settings.batch_size,
+        )
+
+    async def members(self) -> list[str]:
+        """Live workers (fresh heartbeat), sorted by id."""
+        items = await self.bus.kv_items(subjects.members_bucket(self.job))
+        live = []
+        for worker, raw in items.items():
+            try:
+                beat = codec.decode(raw, Heartbeat)
+            except codec.CodecError as exc:
+                self._reject("malformed", f"heartbeat {worker}: {exc}")
+                continue
+            if time.time() - beat.sent_at <= self.settings.member_ttl:
+                live.append(worker)
+        return sorted(live)
+
+    async def wait_for_members(self, minimum: int) -> list[str]:
+        announced = 0.0
+        while True:
+            members = await self.members()
+            if len(members) >= minimum:
+                return members
+            if time.monotonic() - announced > 5:
+                log.info("waiting for workers: %d of %d present", len(members), minimum)
+                announced = time.monotonic()
+            await asyncio.sleep(0.1)
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self) -> Metrics:
+        await self.start()
+        members = await self.wait_for_members(self.settings.workers)
+        log.info("starting with %d workers: %s", len(members), ", ".join(members))
+        started = time.perf_counter()
+        await self.publish_params(0, final=self.total_rounds == 0)
+        for r in range(self.total_rounds):
+            await self.train_round(r)
+        await self.publish_plan(RoundPlan(self.job, SENDER, self.total_rounds, 0, 0, 0, (), final=True))
+        self.metrics.total_seconds = time.perf_counter() - started
+        self.metrics.final_test_accuracy = self.metrics.test_accuracy[-1] if self.metrics.test_accuracy else float("nan")
+        self.metrics.rejected = dict(self.rejected)
+        write_outputs(self.settings.out, self.layout, self.layout.flatten_params(self.model), self.metrics)
+        log.info("done: final test accuracy %.4f, outputs in %s", self.metrics.final_test_accuracy, self.settings.out)
+        return self.metrics
+
+    async def train_round(self, r: int) -> None:
+        t0 = time.perf_counter()
+        epoch, step = position(r, self.num_samples, self.settings.batch_size)
+        rows = batch_rows(self.num_samples, self.settings.batch_size, step)
+        members = await self.members() or await self.wait_for_members(1)
+        shards = tuple(Shard(w, a, b) for w, a, b in split_batch(rows, members))
+        if len(members) != (self.metrics.workers[-1] if self.metrics.workers else len(members)):
+            self._event(r, "membership", f"{len(members)} workers: {', '.join(members)}")
+        plan = RoundPlan(self.job, SENDER, r, epoch, step, rows, shards)
+        await self.publish_plan(plan)
+
+        acc = RoundAccumulator(r, self.layout.numel, {i: s.size for i, s in enumerate(shards)})
+        await self.collect(plan, acc)
+
+        self.layout.set_grads(self.model, acc.mean())
+        self.optimizer.step()
+        seconds = time.perf_counter() - t0
+        epoch_done = step == steps_per_epoch(self.num_samples, self.settings.batch_size) - 1
+        accuracy = evaluate(self.model, self.dataset.x_test, self.dataset.y_test) if epoch_done else float("nan")
+        await self.publish_params(r + 1, final=r + 1 == self.total_rounds)
+
+        self.metrics.loss.append(acc.loss())
+        self.metrics.round_seconds.append(seconds)
+        self.metrics.samples.append(rows)
+        self.metrics.workers.append(len(shards))
+        if epoch_done:
+            self.metrics.test_accuracy.append(accuracy)
+        done = RoundDone(
+            self.job, SENDER, r, self.total_rounds, epoch, acc.loss(), seconds, rows, accuracy,
+            tuple(s.worker for s in shards),
+        )
+        await self.bus.publish_event(subjects.rounds(self.job), codec.encode(done))
+        if epoch_done:
+            log.info("epoch %d done (round %d/%d): loss %.4f, test accuracy %.4f",
+                     epoch + 1, r + 1, self.total_rounds, acc.loss(), accuracy)
+
+    async def collect(self, plan: RoundPlan, acc: RoundAccumulator) -> None:
+        """Pull gradient chunks until every shard of the round is complete."""
+        waited_since = time.monotonic()
+        while not acc.complete:
+            delivery = await self._grads.next(timeout=1.0)
+            if delivery is None:
+                if time.monotonic() - waited_since > self.settings.round_warn_seconds:
+                    missing = [plan.shards[s].worker for s in acc.missing()]
+                    log.warning("round %d still waiting for %s", plan.round, ", ".join(missing))
+                    waited_since = time.monotonic()
+                continue
+            self.intake(plan, acc, delivery)
+            await delivery.ack()
+
+    def intake(self, plan: RoundPlan, acc: RoundAccumulator, delivery: Delivery) -> bool:
+        """Validate one gradient chunk and add it to the round; refusals are logged and counted."""
+        try:
+            grad = codec.decode(delivery.payload, Gradient)
+        except codec.CodecError as exc:
+            return self._reject("malformed", str(exc))
+        try:
+            self._check(plan, grad)
+            values = grad.values.numpy()
+            acc.add(grad.shard, grad.num_samples, grad.loss, grad.chunk, values)
+        except Rejected as exc:
+            return self._reject(exc.reason, f"from {grad.sender!r}: {exc.detail}")
+        return True
+
+    def _check(self, plan: RoundPlan, grad: Gradient) -> None:
+        if grad.job != self.job:
+            raise Rejected("wrong_job", f"gradient for job {grad.job!r}")
+        if grad.round < plan.round:
+            raise Rejected("stale_round", f"round {grad.round}, current {plan.round}")
+        if grad.round > plan.round:
+            raise Rejected("future_round", f"round {grad.round}, current {plan.round}")
+        if grad.shard >= len(plan.shards) or plan.shards[grad.shard].worker != grad.sender:
+            raise Rejected("unknown_sender", f"shard {grad.shard} of round {plan.round} is not theirs")
+        if grad.params_version != plan.round:
+            raise Rejected("stale_params", f"computed on version {grad.params_version}, need {plan.round}")
+        if grad.values.dtype != "float32":
+            raise Rejected("wrong_dtype", f"{grad.values.dtype}, expected float32")
+
+    # ------------------------------------------------------------------ publishing
+
+    async def publish_plan(self, plan: RoundPlan) -> None:
+        await self.bus.publish([(subjects.plans(self.job), codec.encode(plan), f"plan:{plan.round}")])
+
+    async def publish_params(self, version: int, final: bool) -> None:
+        """Broadcast the current parameters as `version`, chunked to fit the server."""
+        flat = self.layout.flatten_params(self.model)
+        subject = subjects.params(self.job)
+
+        def items():
+            for chunk, values in split(flat, self.bus.chunk_bytes):
+                msg = Params(self.job, SENDER, version, final, self.layout.hash, chunk, Tensor.from_numpy(values))
+                yield subject, codec.encode(msg), f"params:{version}:{chunk.index}"
+
+        await self.bus.publish(items())
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _reject(self, reason: str, detail: str) -> bool:
+        self.rejected[reason] += 1
+        log.warning("rejected (%s): %s", reason, detail)
+        return False
+
+    def _event(self, r: int, kind: str, detail: str) -> None:
+        log.info("round %d: %s", r, detail)
+        self.metrics.events.append({"round": r, "kind": kind, "detail": detail})
+

@@ -1,0 +1,193 @@
+"""A worker: pulls its shards, computes gradients at the matching parameter version, publishes.
+
+Joining is subscribing: the worker creates its batch consumer, reads the latest
+parameters, then announces itself with a heartbeat; the orchestrator plans it in from the
+next round.  For each batch of round r it needs parameters version r exactly: an older
+version is waited for, a newer one means the round is over and the batch is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+
+import numpy as np
+import torch
+
+from pangea import codec
+from pangea.bus import subjects
+from pangea.bus.client import Bus, BusError, Puller
+from pangea.chunking import Assembler, split
+from pangea.layout import Layout
+from pangea.messages import Batch, Gradient, Heartbeat, Params, Tensor
+from pangea.models import build_model
+from pangea.roles.jobspec import wait_for_job_spec
+from pangea.settings import WorkerSettings
+from pangea.training import loss_fn
+
+log = logging.getLogger(__name__)
+
+
+def default_worker_id() -> str:
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:32]
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise BusError("--device cuda requested but torch sees no CUDA device")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, bus: Bus) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.job = settings.job
+        self.id = settings.worker_id or default_worker_id()
+        self.device = pick_device(settings.device)
+        self.shards_done = 0
+        self.rejected = 0
+        self.version = -1  # parameter version loaded into the model
+        self.final = False
+
+    async def run(self) -> None:
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        spec = await wait_for_job_spec(self.bus)
+        self.model = build_model(spec.model, spec.input_shape, spec.num_classes, spec.hidden, spec.seed).to(self.device)
+        self.model.train()
+        self.layout = Layout.of(self.model)
+        if self.layout.hash != spec.layout_hash:
+            raise BusError(f"model {spec.model} builds a different layout here than on the orchestrator")
+        self.params = Assembler(self.layout.numel)
+        self.batches = await self.bus.pull(
+            "batches", subjects.batches(self.job, self.id), durable=subjects.worker_consumer(self.id), batch=4
+        )
+        self.params_in = await self._params_consumer()
+        heartbeat = asyncio.create_task(self._heartbeat())
+        log.info("worker %s joined job %s on %s", self.id, self.job, self.device)
+        try:
+            await self._loop()
+        finally:
+            heartbeat.cancel()
+            await self._leave()
+        log.info("worker %s done: %d shards", self.id, self.shards_done)
+
+    async def _loop(self) -> None:
+        while not self.final:
+            delivery = await self.batches.next(timeout=0.5)
+            if delivery is None:
+                await self._read_params(until=None, timeout=0.05)
+                continue
+            try:
+                batch = codec.decode(delivery.payload, Batch)
+                if batch.worker != self.id or batch.job != self.job:
+                    raise codec.CodecError(f"batch for {batch.job}/{batch.worker}")
+            except codec.CodecError as exc:
+                self.rejected += 1
+                log.warning("rejected (malformed): batch: %s", exc)
+                await delivery.ack()
+                continue
+            await self._read_params(until=batch.round)
+            if self.version == batch.round:
+                await self._compute_and_publish(batch)
+            else:
+                log.info("batch of round %d dropped: parameters are already at version %d", batch.round, self.version)
+            await delivery.ack()
+
+    async def _compute_and_publish(self, batch: Batch) -> None:
+        flat, loss = await asyncio.to_thread(self._gradient, batch)
+        subject = subjects.grads(self.job)
+
+        def items():
+            for chunk, values in split(flat, self.bus.chunk_bytes):
+                msg = Gradient(
+                    self.job, self.id, batch.round, batch.shard, batch.stop - batch.start, loss,
+                    self.version, chunk, Tensor.from_numpy(values),
+                )
+                yield subject, codec.encode(msg), f"grad:{batch.round}:{batch.shard}:{chunk.index}"
+
+        await self.bus.publish(items())
+        self.shards_done += 1
+
+    def _gradient(self, batch: Batch) -> tuple[np.ndarray, float]:
+        x = batch.x.torch().to(self.device)
+        y = batch.y.torch().to(self.device)
+        self.model.zero_grad(set_to_none=True)
+        loss = loss_fn(self.model(x), y)
+        loss.backward()
+        return self.layout.flatten_grads(self.model), loss.item()
+
+    # ------------------------------------------------------------------ parameters
+
+    async def _params_consumer(self) -> Puller:
+        """Read parameters from the first chunk of the latest stored version (all if none yet)."""
+        subject = subjects.params(self.job)
+        last = await self.bus.last_sequence_and_payload("params", subject)
+        start = None
+        if last is not None:
+            seq, raw = last
+            try:
+                start = max(1, seq - codec.decode(raw, Params).chunk.index)
+            except codec.CodecError:
+                start = None
+        return await self.bus.pull("params", subject, durable=None, start_sequence=start, batch=256)
+
+    async def _read_params(self, until: int | None, timeout: float = 1.0) -> None:
+        """Apply parameter versions as they complete; with `until`, wait until version >= until."""
+        waited = time.monotonic()
+        while until is None or self.version < until:
+            delivery = await self.params_in.next(timeout=timeout)
+            if delivery is None:
+                if until is None:
+                    return
+                if time.monotonic() - waited > 30:
+                    log.info("still waiting for parameters version %d (have %d)", until, self.version)
+                    waited = time.monotonic()
+                continue
+            try:
+                params = codec.decode(delivery.payload, Params)
+                if params.layout_hash != self.layout.hash:
+                    raise codec.CodecError("parameters of another model layout")
+                if params.version > self.version:
+                    self.params.add(params.version, params.chunk, params.values.numpy())
+            except (codec.CodecError, ValueError) as exc:
+                self.rejected += 1
+                log.warning("rejected (malformed): params: %s", exc)
+            else:
+                if self.params.complete and self.params.version > self.version:
+                    self.layout.load_params(self.model, self.params.buffer)
+                    self.version = self.params.version
+                    self.final = params.final
+            await delivery.ack()
+            if self.final:
+                return
+
+    # ------------------------------------------------------------------ membership
+
+    async def _heartbeat(self) -> None:
+        kv = await self.bus.kv(subjects.members_bucket(self.job), ttl=self.settings.member_ttl)
+        while True:
+            beat = Heartbeat(
+                self.job, self.id, self.id, socket.gethostname(), os.getpid(), time.time(),
+                self.shards_done, max(self.version, 0),
+            )
+            try:
+                await kv.put(self.id, codec.encode(beat))
+            except Exception as exc:  # noqa: BLE001 - a missed beat is retried next period
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+
+    async def _leave(self) -> None:
+        try:
+            kv = await self.bus.kv(subjects.members_bucket(self.job))
+            await kv.delete(self.id)
+        except Exception:  # noqa: BLE001 - the TTL removes us anyway
+            pass

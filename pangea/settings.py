@@ -1,0 +1,135 @@
+"""Configuration: one pydantic-settings class per role, composed from shared parts.
+
+Every field is read from a `PANGEA_<FIELD>` environment variable (or a `.env` file) and
+can be overridden by the matching command-line flag.  A bad value raises `SettingsError`
+with one line naming the variable and the flag.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class SettingsError(ValueError):
+    """A configuration mistake, described in one line."""
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PANGEA_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+
+class BusSettings(_Base):
+    """How to reach NATS and name the job's subjects."""
+
+    nats_url: str | None = Field(
+        None, description="NATS server URL(s), comma-separated; unset: start an embedded server"
+    )
+    job: str = Field("pangea", pattern=NAME_PATTERN, description="job name: prefix of subjects and streams")
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to wait for the NATS server")
+    chunk_bytes: int = Field(
+        1 << 20, ge=4096, description="largest tensor chunk per message (capped by the server's max payload)"
+    )
+    publish_window: int = Field(64, ge=1, description="JetStream publishes in flight per process")
+    storage: Literal["file", "memory"] = Field("file", description="JetStream storage for the job's streams")
+    batch_retention_hours: float = Field(
+        24.0, gt=0, description="how long stored batches stay replayable"
+    )
+    heartbeat_seconds: float = Field(1.0, gt=0, description="worker heartbeat period")
+    member_ttl: float = Field(10.0, gt=0, description="seconds without heartbeat before a worker is gone")
+
+    @property
+    def servers(self) -> list[str]:
+        return [u.strip() for u in (self.nats_url or "").split(",") if u.strip()]
+
+
+class TrainSettings(_Base):
+    """What to train and how: identical for `pangea run` and `pangea reference`."""
+
+    dataset: str = Field("digits", description="`digits` or a path to an .npz with x_train, y_train, x_test, y_test")
+    model: str = Field("mlp", description="`mlp` or `module:factory` returning a torch.nn.Module")
+    hidden: str = Field("128", description="hidden layer widths of `mlp`, comma-separated")
+    epochs: int = Field(10, ge=1, description="passes over the training set")
+    batch_size: int = Field(64, ge=1, description="global batch size (independent of the worker count)")
+    lr: float = Field(0.05, gt=0, description="learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="server-side optimizer")
+    seed: int = Field(0, ge=0, description="seed of model init and batch order")
+
+    @field_validator("hidden")
+    @classmethod
+    def _widths(cls, value: str) -> str:
+        if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", value) or "0" in [v.strip() for v in value.split(",")]:
+            raise ValueError("expected positive integers separated by commas, e.g. 256,128")
+        return value
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.hidden.split(","))
+
+
+class OrchestratorSettings(BusSettings, TrainSettings):
+    """The orchestrator owns the model, the optimizer and the round plan."""
+
+    workers: int = Field(2, ge=1, description="workers that must be present before round 0")
+    out: Path = Field(Path("runs/latest"), description="directory for params.npz, metrics.json, curves.png")
+    round_warn_seconds: float = Field(30.0, gt=0, description="log a warning when a round waits this long")
+
+
+class PreprocessorSettings(BusSettings):
+    """The preprocessor reads the dataset named in the job spec and publishes shards."""
+
+    dataset: str | None = Field(None, description="override the job spec's dataset path on this host")
+
+
+class WorkerSettings(BusSettings):
+    """A worker needs only the job name and the bus: the rest comes from the job spec."""
+
+    worker_id: str | None = Field(None, pattern=NAME_PATTERN, description="worker id (default: host-pid)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for gradients")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+
+
+class RunSettings(OrchestratorSettings):
+    """`pangea run`: an embedded server (unless nats_url), all roles as supervised processes."""
+
+    job: str | None = Field(None, pattern=NAME_PATTERN, description="job name (default: generated)")
+    out: Path | None = Field(None, description="output directory (default: runs/<job>)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for workers")
+
+
+class ReferenceSettings(TrainSettings):
+    """`pangea reference`: the same training in one process with no bus."""
+
+    out: Path = Field(Path("runs/reference"), description="directory for params.npz, metrics.json, curves.png")
+
+
+def load(cls: type[_Base], **overrides) -> _Base:
+    """Build settings from env/.env plus non-None overrides; one-line `SettingsError` if invalid."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return cls(**given)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        source = f"--{field.replace('_', '-')}" if field in given else f"PANGEA_{field.upper()}"
+        value = given.get(field, err.get("input"))
+        raise SettingsError(f"invalid setting {source} = {value!r}: {err['msg']}") from None
+
+
+def describe(cls: type[_Base]) -> list[tuple[str, str, str]]:
+    """(env var, default, description) for every field: the README's configuration table."""
+    rows = []
+    for name, info in cls.model_fields.items():
+        default = info.default if info.default is not None else "(unset)"
+        rows.append((f"PANGEA_{name.upper()}", str(default), info.description or ""))
+    return rows

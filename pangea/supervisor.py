@@ -1,0 +1,209 @@
+"""`pangea run`: the embedded server (unless PANGEA_NATS_URL) and every role as its own process.
+
+Each role is started as `python -m pangea <role>`, the same code path as a separate
+deployment, configured through PANGEA_* variables.  Role logs go to <out>/logs/.  The
+supervisor shows progress from the orchestrator's round events, and stops everything
+cleanly on Ctrl+C or when a role dies (saying which one and how).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pangea import codec
+from pangea.bus import subjects
+from pangea.bus.client import Bus
+from pangea.bus.server import EmbeddedServer
+from pangea.messages import RoundDone
+from pangea.settings import RunSettings
+
+log = logging.getLogger(__name__)
+_GRACE_SECONDS = 30.0
+
+
+@dataclass
+class Child:
+    name: str
+    role: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def how_it_ended(self) -> str:
+        code = self.proc.returncode
+        if code is not None and code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class RoleDied(RuntimeError):
+    """A role process ended before the job was done."""
+
+
+def default_job_name() -> str:
+    return time.strftime("run-%Y%m%d-%H%M%S") + f"-{os.getpid() % 10000}"
+
+
+class Supervisor:
+    def __init__(self, settings: RunSettings, console: Console | None = None) -> None:
+        self.settings = settings
+        self.job = settings.job or default_job_name()
+        self.out = settings.out or Path("runs") / self.job
+        self.console = console or Console(stderr=True)
+        self.children: list[Child] = []
+        self.server: EmbeddedServer | None = None
+
+    def role_env(self, nats_url: str) -> dict[str, str]:
+        """PANGEA_* variables carrying the resolved settings to every role."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PANGEA_")}
+        values = self.settings.model_dump(exclude={"job", "out", "nats_url", "device"})
+        for key, value in values.items():
+            if value is not None:
+                env[f"PANGEA_{key.upper()}"] = str(value)
+        env.update(PANGEA_NATS_URL=nats_url, PANGEA_JOB=self.job, PANGEA_OUT=str(self.out))
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def spawn(self, name: str, role: str, env: dict[str, str]) -> Child:
+        logs = self.out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        path = logs / f"{name}.log"
+        handle = open(path, "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pangea", role], env=env, stdout=handle, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        handle.close()
+        child = Child(name, role, proc, path)
+        self.children.append(child)
+        # For operators and fault tests: which pid is which role.
+        (self.out / "pids.json").write_text(json.dumps({c.name: c.proc.pid for c in self.children}))
+        return child
+
+    def run(self) -> int:
+        """Run the job to the end; the exit status of `pangea run`."""
+        try:
+            url = self.settings.nats_url
+            if not url:
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.server = EmbeddedServer(log_file=self.out / "nats-server.log").start()
+                url = self.server.url
+            self.console.print(f"[bold]pangea[/] job [cyan]{self.job}[/] on {url} -> {self.out}")
+            return asyncio.run(self._supervise(url))
+        except RoleDied:
+            return 1
+        except KeyboardInterrupt:
+            self.console.print("[yellow]interrupted: stopping all roles[/]")
+            return 130
+        finally:
+            self.stop_all()
+            if self.server:
+                self.server.stop()
+
+    async def _supervise(self, url: str) -> int:
+        env = self.role_env(url)
+        workers = self.settings.workers
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        orchestrator = self.spawn("orchestrator", "orchestrator", env)
+        self.spawn("preprocessor", "preprocessor", env)
+        for i in range(workers):
+            self.spawn(
+                f"worker-{i}", "worker",
+                {**env, "PANGEA_WORKER_ID": f"w{i}", "PANGEA_DEVICE": self.settings.device,
+                 "PANGEA_TORCH_THREADS": str(threads)},
+            )
+        bus = await Bus.connect(self.settings.model_copy(update={"nats_url": url, "job": self.job}), "supervisor")
+        try:
+            with self._progress() as progress:
+                task = progress.add_task("rounds", total=None, loss=math.nan, acc="-")
+
+                async def on_round(raw: bytes) -> None:
+                    try:
+                        done = codec.decode(raw, RoundDone)
+                    except codec.CodecError:
+                        return
+                    fields = {"loss": done.loss}
+                    if not math.isnan(done.test_accuracy):
+                        fields["acc"] = f"{done.test_accuracy:.4f}"
+                    progress.update(task, total=done.total_rounds, completed=done.round + 1, **fields)
+
+                await bus.subscribe_events(subjects.rounds(self.job), on_round)
+                while orchestrator.proc.poll() is None:
+                    self._check_alive(exclude=orchestrator)
+                    await asyncio.sleep(0.2)
+        finally:
+            await bus.close()
+        if orchestrator.proc.returncode != 0:
+            self._report(orchestrator)
+            return 1
+        await self._wait_for_others()
+        self.console.print(self._summary())
+        return 0
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  test acc {task.fields[acc]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
+        )
+
+    def _check_alive(self, exclude: Child) -> None:
+        for child in self.children:
+            if child is not exclude and child.proc.poll() is not None and child.proc.returncode != 0:
+                self._report(child)
+                raise RoleDied(f"{child.name} {child.how_it_ended()}")
+
+    def _report(self, child: Child) -> None:
+        self.console.print(f"[red]role {child.name} {child.how_it_ended()}[/] (log: {child.log_path})")
+        tail = child.log_tail()
+        if tail:
+            self.console.print(tail, markup=False, highlight=False)
+
+    async def _wait_for_others(self) -> None:
+        deadline = time.monotonic() + _GRACE_SECONDS
+        while time.monotonic() < deadline and any(c.proc.poll() is None for c in self.children):
+            await asyncio.sleep(0.1)
+        for child in self.children:
+            if child.proc.poll() is None:
+                log.warning("%s still running after the job ended: stopping it", child.name)
+
+    def _summary(self) -> str:
+        try:
+            metrics = json.loads((self.out / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return "done"
+        return (
+            f"[green]done[/]: {len(metrics['loss'])} rounds in {metrics['total_seconds']:.1f}s, "
+            f"final test accuracy [bold]{metrics['final_test_accuracy']:.4f}[/] -> {self.out}"
+        )
+
+    def stop_all(self) -> None:
+        """SIGTERM every role still running, then SIGKILL what ignores it."""
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        deadline = time.monotonic() + 10
+        for child in self.children:
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()

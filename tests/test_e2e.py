@@ -1,0 +1,157 @@
+"""End to end over a real nats-server: every role a real OS process, checked against the reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pangea.outputs import load_params, max_abs_diff
+from pangea.reference import train_reference
+from pangea.settings import ReferenceSettings
+from tests.conftest import pangea_cmd, role_env, run_pangea
+
+TOLERANCE = 1e-5
+
+
+def reference(out: Path, **train) -> dict[str, np.ndarray]:
+    """Train the single-process reference with the given options; its parameters."""
+    train_reference(ReferenceSettings(out=out, **train))
+    return load_params(out / "params.npz")
+
+
+def assert_exact(run_dir: Path, ref: dict[str, np.ndarray]) -> float:
+    diff = max_abs_diff(load_params(run_dir / "params.npz"), ref)
+    assert diff <= TOLERANCE, f"max |run - reference| = {diff:g}"
+    return diff
+
+
+@pytest.mark.parametrize(
+    ("workers", "optimizer", "lr"),
+    [(1, "sgd", 0.05), (3, "sgd", 0.05), (1, "adam", 0.002), (3, "adam", 0.002)],
+)
+def test_run_equals_reference(nats_url, job, tmp_path, workers, optimizer, lr):
+    train = dict(epochs=2, batch_size=50, optimizer=optimizer, lr=lr, seed=7)
+    out = tmp_path / "run"
+    result = run_pangea(
+        "run", "--workers", str(workers), "--epochs", "2", "--batch-size", "50", "--optimizer", optimizer,
+        "--lr", str(lr), "--seed", "7", "--job", job, "--out", str(out), env=role_env(nats_url),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_exact(out, reference(tmp_path / "ref", **train))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["loss"]) == 2 * 27  # ceil(1348 / 50) rounds per epoch
+    assert set(metrics["workers"]) == {workers}
+    assert sum(metrics["samples"]) == 2 * 1348  # every sample counted once per epoch
+    assert metrics["rejected"] == {}
+
+
+def test_roles_as_separate_processes(nats_url, job, tmp_path):
+    """`pangea orchestrator`, `preprocessor` and two `worker`s started by hand against one server."""
+    env = role_env(nats_url, job=job, epochs=2, batch_size=32, seed=3)
+    out = tmp_path / "run"
+    logs = {}
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        logs[name] = open(tmp_path / f"{name}.log", "w")
+        return subprocess.Popen(pangea_cmd(*args), env=env, stdout=logs[name], stderr=subprocess.STDOUT)
+
+    # Workers first: they wait for the job to appear, as in a real deployment.
+    workers = [start(f"w{i}", "worker", "--worker-id", f"hand{i}") for i in range(2)]
+    pre = start("pre", "preprocessor")
+    orch = start("orch", "orchestrator", "--workers", "2", "--out", str(out))
+    try:
+        for name, proc in [("orch", orch), ("pre", pre), ("w0", workers[0]), ("w1", workers[1])]:
+            code = proc.wait(timeout=240)
+            assert code == 0, f"{name} exited {code}: {(tmp_path / f'{name}.log').read_text()[-2000:]}"
+    finally:
+        for proc in [orch, pre, *workers]:
+            if proc.poll() is None:
+                proc.kill()
+    assert_exact(out, reference(tmp_path / "ref", epochs=2, batch_size=32, seed=3))
+    worker_log = (tmp_path / "w0.log").read_text()
+    assert "worker hand0 done" in worker_log
+
+
+def test_gradient_larger_than_max_payload_is_chunked(nats_url, job, tmp_path):
+    """A ~3.3M-parameter MLP: 13 MB gradients over a server with the default 1 MB max payload."""
+    import asyncio
+
+    from pangea.bus.client import Bus
+    from pangea.settings import BusSettings
+
+    async def max_payload() -> int:
+        bus = await Bus.connect(BusSettings(nats_url=nats_url, job=job), "probe")
+        try:
+            return bus.max_payload
+        finally:
+            await bus.close()
+
+    assert asyncio.run(max_payload()) <= 1 << 20
+    train = dict(epochs=1, batch_size=256, hidden="2048,1536", lr=0.02, seed=1)
+    out = tmp_path / "run"
+    result = run_pangea(
+        "run", "--workers", "2", "--epochs", "1", "--batch-size", "256", "--hidden", "2048,1536", "--lr", "0.02",
+        "--seed", "1", "--job", job, "--out", str(out), env=role_env(nats_url),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ref = reference(tmp_path / "ref", **train)
+    assert sum(a.size for a in ref.values()) >= 3_000_000
+    assert_exact(out, ref)
+
+
+def test_embedded_server_default(tmp_path):
+    """No PANGEA_NATS_URL: `pangea run` starts its own nats-server and writes the three files."""
+    out = tmp_path / "run"
+    result = run_pangea("run", "--epochs", "1", "--out", str(out), env=role_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("loss", "test_accuracy", "final_test_accuracy", "round_seconds", "workers"):
+        assert key in metrics
+    assert metrics["workers"][0] == 2
+    assert 0.5 < metrics["final_test_accuracy"] <= 1.0
+    png = (out / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    assert "final test accuracy" in result.stderr
+
+
+@pytest.mark.slow
+def test_four_workers_reach_95_percent(nats_url, job, tmp_path):
+    out = tmp_path / "run"
+    result = run_pangea(
+        "run", "--workers", "4", "--dataset", "digits", "--model", "mlp", "--epochs", "20",
+        "--job", job, "--out", str(out), env=role_env(nats_url), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final_test_accuracy"] >= 0.95, metrics["test_accuracy"]
+
+
+def test_supervisor_reports_a_dead_role(nats_url, job, tmp_path):
+    """A worker killed mid-run: `pangea run` names it, says how it died and exits non-zero."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        pangea_cmd("run", "--workers", "2", "--epochs", "200", "--job", job, "--out", str(out)),
+        env=role_env(nats_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        log = out / "logs" / "worker-1.log"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "joined job" not in (log.read_text() if log.exists() else ""):
+            time.sleep(0.2)
+        pids = json.loads((out / "pids.json").read_text())
+        os.kill(pids["worker-1"], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert "worker-1 killed by SIGKILL" in stderr
+    for pid in pids.values():  # every other role was stopped
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
