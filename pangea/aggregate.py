@@ -47,7 +47,7 @@ class RoundAccumulator:
         problem = chunking.check(chunk, values.shape[0], self.numel)
         if problem:
             raise Rejected("wrong_shape", problem)
-        expected_count = self._chunk_counts.setdefault(shard, chunk.count)
+        expected_count = self._chunk_counts.get(shard, chunk.count)
         if chunk.count != expected_count:
             raise Rejected("wrong_shape", f"shard {shard} chunk count {chunk.count} != {expected_count}")
         if chunk.index in self._seen[shard]:
@@ -57,6 +57,7 @@ class RoundAccumulator:
         stop = chunk.offset + values.shape[0]
         # In-place multiply-add into the float64 sum: no temporary of the chunk's size in float64.
         np.add(self._sum[chunk.offset : stop], values.astype(np.float64) * num_samples, out=self._sum[chunk.offset : stop])
+        self._chunk_counts[shard] = chunk.count  # only an accepted chunk fixes the shard's count
         self._seen[shard].add(chunk.index)
         self._loss[shard] = float(loss)
 

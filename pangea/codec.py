@@ -157,7 +157,8 @@ def decode(payload: bytes | memoryview, expected: type | None = None) -> m.Messa
                     fields[f.name] = _get(reader, _camel(f.name), _hints(cls)[f.name], payload)
     except CodecError:
         raise
-    except (capnp.KjException, ValueError, UnicodeDecodeError, AttributeError) as exc:
+    # RuntimeError: pycapnp's answer to an enum value the schema does not define.
+    except (capnp.KjException, ValueError, UnicodeDecodeError, AttributeError, RuntimeError) as exc:
         raise CodecError(f"malformed {cls.__name__}: {_short(exc)}") from None
     return cls(**fields)
 
@@ -170,7 +171,7 @@ def peek_kind(payload: bytes | memoryview) -> str:
         with _reader(payload, "Batch") as reader:
             header = reader.header
             version, kind = header.schemaVersion, str(header.kind)
-    except (capnp.KjException, ValueError) as exc:
+    except (capnp.KjException, ValueError, RuntimeError) as exc:
         raise CodecError(f"not a Cap'n Proto message: {_short(exc)}") from None
     if version != m.SCHEMA_VERSION:
         raise CodecError(f"schema version {version}, expected {m.SCHEMA_VERSION}")

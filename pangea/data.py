@@ -7,6 +7,7 @@ that is what makes distributed training comparable with the single-process refer
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +70,9 @@ def _npz(path: Path) -> Dataset:
             if missing:
                 raise DataError(f"{path} lacks {', '.join(missing)} (needs {', '.join(_NPZ_KEYS)})")
             arrays = {k: f[k] for k in _NPZ_KEYS}
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, DataError):
-            raise
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]

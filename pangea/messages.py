@@ -47,8 +47,10 @@ class Tensor:
         if key not in _NUMPY_TO_NAME:
             raise TypeError(f"unsupported numpy dtype {array.dtype}")
         dtype = _NUMPY_TO_NAME[key]
-        array = np.ascontiguousarray(array, dtype=DTYPES[dtype])
-        return cls(dtype, tuple(int(s) for s in array.shape), memoryview(array).cast("B"), name)
+        array = np.asarray(array, dtype=DTYPES[dtype])  # keeps 0-d arrays 0-d
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")
+        return cls(dtype, tuple(int(s) for s in array.shape), _bytes_view(array), name)
 
     @classmethod
     def from_torch(cls, tensor, name: str = "") -> Tensor:
@@ -58,7 +60,7 @@ class Tensor:
         tensor = tensor.detach().to("cpu").contiguous()
         if tensor.dtype == torch.bfloat16:
             raw = tensor.view(torch.int16).numpy()
-            return cls("bfloat16", tuple(tensor.shape), memoryview(raw).cast("B"), name)
+            return cls("bfloat16", tuple(tensor.shape), _bytes_view(raw), name)
         return cls.from_numpy(tensor.numpy(), name)
 
     @property
@@ -80,6 +82,11 @@ class Tensor:
                 flat = torch.from_numpy(self.numpy().reshape(-1).view(np.int16)).view(torch.bfloat16)
                 return flat.reshape(self.shape)
             return torch.from_numpy(self.numpy())
+
+
+def _bytes_view(array: np.ndarray) -> memoryview:
+    """The array's bytes as a flat memoryview, without copying (empty shapes included)."""
+    return memoryview(array.reshape(-1)).cast("B")
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,10 @@ def build_model(
         kwargs["in_features"] = in_features
     if "num_classes" in params:
         kwargs["num_classes"] = num_classes
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - user code: report it in one line
+        raise ModelError(f"{spec}({', '.join(kwargs)}) failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if not any(p.requires_grad for p in model.parameters()):

@@ -68,7 +68,7 @@ class TrainSettings(_Base):
     @field_validator("hidden")
     @classmethod
     def _widths(cls, value: str) -> str:
-        if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", value) or "0" in [v.strip() for v in value.split(",")]:
+        if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", value) or 0 in [int(v) for v in value.split(",")]:
             raise ValueError("expected positive integers separated by commas, e.g. 256,128")
         return value
 

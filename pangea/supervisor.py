@@ -101,6 +101,7 @@ class Supervisor:
     def run(self) -> int:
         """Run the job to the end; the exit status of `pangea run`."""
         try:
+            self.validate()
             url = self.settings.nats_url
             if not url:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +118,14 @@ class Supervisor:
             self.stop_all()
             if self.server:
                 self.server.stop()
+
+    def validate(self) -> None:
+        """Fail in one line, before any process starts, on a dataset or model that cannot load."""
+        from pangea.data import load_dataset
+        from pangea.models import build_model
+
+        dataset = load_dataset(self.settings.dataset)
+        build_model(self.settings.model, dataset.input_shape, dataset.num_classes, self.settings.hidden_sizes, 0)
 
     async def _supervise(self, url: str) -> int:
         env = self.role_env(url)

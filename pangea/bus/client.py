@@ -116,7 +116,8 @@ class Bus:
         holder: dict[str, Bus] = {}
 
         async def on_error(exc: Exception) -> None:
-            if not ("bus" in holder and holder["bus"].closing):
+            # Before the first connection the caller reports the failure in one line.
+            if "bus" in holder and not holder["bus"].closing:
                 log.warning("nats: %s", exc)
 
         async def on_disconnect() -> None:
@@ -128,12 +129,10 @@ class Bus:
                 holder["bus"].reconnects += 1
             log.warning("reconnected to NATS")
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.connect_timeout
-        last: Exception | None = None
-        while loop.time() < deadline:
-            try:
-                nc = await nats.connect(
+        try:
+            # nats-py retries the server list itself; the timeout bounds the whole attempt.
+            nc = await asyncio.wait_for(
+                nats.connect(
                     servers=servers,
                     name=f"pangea-{settings.job}-{name}",
                     connect_timeout=min(2.0, settings.connect_timeout),
@@ -143,13 +142,14 @@ class Bus:
                     error_cb=on_error,
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
-                )
-                break
-            except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
-                last = exc
-                await asyncio.sleep(0.25)
-        else:
-            raise BusError(f"cannot reach NATS at {settings.nats_url} within {settings.connect_timeout:g}s ({last})")
+                ),
+                settings.connect_timeout,
+            )
+        except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
+            raise BusError(
+                f"cannot reach NATS at {settings.nats_url} within {settings.connect_timeout:g}s"
+                + (f" ({exc})" if str(exc) else "")
+            ) from None
         js = nc.jetstream(timeout=_ACK_TIMEOUT, publish_async_max_pending=max(settings.publish_window * 4, 256))
         try:
             await js.account_info()
