@@ -79,3 +79,16 @@ def test_installed_package_finds_its_schema(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Batch" in result.stdout
     assert (target / "bin" / "pangea").exists()
+
+
+def test_readme_documents_every_setting():
+    """The configuration table cannot drift from the settings classes."""
+    from pangea import settings as cfg
+
+    readme = (REPO / "README.md").read_text()
+    classes = [cfg.BusSettings, cfg.TrainSettings, cfg.OrchestratorSettings, cfg.PreprocessorSettings,
+               cfg.WorkerSettings, cfg.RunSettings, cfg.ReferenceSettings]
+    missing = {f"PANGEA_{name.upper()}" for c in classes for name in c.model_fields} - set(
+        w.strip("`|") for w in readme.split()
+    )
+    assert not missing, f"README lacks {sorted(missing)}"
