@@ -76,8 +76,27 @@ class RoundAccumulator:
         return (self._sum / self.total_samples).astype(np.float32)
 
     def loss(self) -> float:
-        """The sample-weighted mean of the shards' mean losses: the global batch's mean loss."""
-        return sum(self._loss[s] * n for s, n in self.shard_sizes.items()) / self.total_samples
+        """The sample-weighted mean of the shards' mean losses (over the shards heard from)."""
+        heard = {s: n for s, n in self.shard_sizes.items() if s in self._loss}
+        return sum(self._loss[s] * n for s, n in heard.items()) / max(1, sum(heard.values()))
+
+    def complete_samples(self) -> int:
+        """Samples of the shards whose whole gradient arrived."""
+        return sum(self.shard_sizes[s] for s in self.shard_sizes if s not in self.missing())
+
+    def partial_mean(self) -> np.ndarray:
+        """Quorum close: each element averaged over the samples whose chunk for it arrived.
+
+        Equals `mean()` when the round is complete; elements no shard delivered get 0.
+        """
+        weights = np.zeros(self.numel, dtype=np.float64)
+        for shard, seen in self._seen.items():
+            for index in seen:
+                start, stop = chunking.bounds(self.numel, self._chunk_counts[shard], index)
+                weights[start:stop] += self.shard_sizes[shard]
+        out = np.zeros(self.numel, dtype=np.float64)
+        np.divide(self._sum, weights, out=out, where=weights > 0)
+        return out.astype(np.float32)
 
 
 def split_batch(batch_size: int, workers: list[str]) -> list[tuple[str, int, int]]:

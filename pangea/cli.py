@@ -113,15 +113,27 @@ def _setup_logging(level: str, role: str) -> None:
     logging.getLogger("nats").setLevel(logging.WARNING)
 
 
-def _run_async(main: Callable[[], object]) -> int:
-    """Run a coroutine function; SIGTERM/SIGINT cancel it and exit 143/130."""
+def _run_async(main: Callable[[], object], graceful: list | None = None) -> int:
+    """Run a coroutine function; SIGTERM/SIGINT cancel it and exit 143/130.
+
+    If `graceful` holds an object with `request_stop()`, the first signal asks it to stop
+    and only a second one cancels.
+    """
 
     async def wrapper() -> int:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         got: list[int] = []
+
+        def on_signal(sig: int) -> None:
+            got.append(sig)
+            if graceful and len(got) == 1:
+                graceful[0].request_stop()
+            else:
+                task.cancel()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda s=sig: (got.append(s), task.cancel()))
+            loop.add_signal_handler(sig, on_signal, sig)
         try:
             await main()
             return 0
@@ -132,14 +144,19 @@ def _run_async(main: Callable[[], object]) -> int:
 
 
 def _role(name: str, settings, build) -> int:
+    holder: list = []
+
     async def main() -> None:
         bus = await Bus.connect(settings, name)
         try:
-            await build(settings, bus).run()
+            role = build(settings, bus)
+            if hasattr(role, "request_stop"):
+                holder.append(role)
+            await role.run()
         finally:
             await bus.close()
 
-    return _run_async(main)
+    return _run_async(main, holder)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,6 +159,8 @@ class RoundPlan:
     batch_size: int
     shards: tuple[Shard, ...]
     final: bool = False
+    attempt: int = 0
+    reissue: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,11 @@ class JobSpec:
     dataset: str
     batch_size: int
     epochs: int
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    source_job: str = ""
 
 
 @dataclass(frozen=True)
@@ -202,6 +209,7 @@ class RoundDone:
     num_samples: int
     test_accuracy: float = float("nan")
     workers: tuple[str, ...] = field(default_factory=tuple)
+    recent_seconds: tuple[float, ...] = field(default_factory=tuple)
 
 
 Message = Batch | Gradient | Params | RoundPlan | Heartbeat | JobSpec | RoundDone

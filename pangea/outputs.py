@@ -26,7 +26,8 @@ class Metrics:
     test_accuracy: list[float] = field(default_factory=list)  # per epoch
     final_test_accuracy: float = math.nan
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
-    events: list[dict] = field(default_factory=list)  # notable things: joins, leaves, warnings
+    events: list[dict] = field(default_factory=list)  # notable things: joins, leaves, reassignments
+    quorum_rounds: list[dict] = field(default_factory=list)  # rounds closed without every sample
     total_seconds: float = 0.0
 
     def to_json(self) -> str:

@@ -83,6 +83,16 @@ class OrchestratorSettings(BusSettings, TrainSettings):
     workers: int = Field(2, ge=1, description="workers that must be present before round 0")
     out: Path = Field(Path("runs/latest"), description="directory for params.npz, metrics.json, curves.png")
     round_warn_seconds: float = Field(30.0, gt=0, description="log a warning when a round waits this long")
+    policy: Literal["exact", "quorum"] = Field(
+        "exact", description="past the deadline: re-issue slow shards (exact) or close the round without them (quorum)"
+    )
+    straggler_deadline: float = Field(0.0, ge=0, description="seconds a round waits for a shard (0: adaptive)")
+    deadline_factor: float = Field(3.0, gt=1, description="adaptive deadline: this many times the median recent round")
+    deadline_floor: float = Field(2.0, gt=0, description="adaptive deadline: at least this many seconds")
+    deadline_cap: float = Field(60.0, gt=0, description="adaptive deadline: at most this many seconds")
+    source_job: str | None = Field(
+        None, pattern=NAME_PATTERN, description="replay: train on this job's stored batches (set by pangea replay)"
+    )
 
 
 class PreprocessorSettings(BusSettings):
@@ -97,6 +107,7 @@ class WorkerSettings(BusSettings):
     worker_id: str | None = Field(None, pattern=NAME_PATTERN, description="worker id (default: host-pid)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for gradients")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    test_delay: float = Field(0.0, ge=0, description="test only: sleep this long before each shard (a straggler)")
 
 
 class RunSettings(OrchestratorSettings):
@@ -104,6 +115,20 @@ class RunSettings(OrchestratorSettings):
 
     job: str | None = Field(None, pattern=NAME_PATTERN, description="job name (default: generated)")
     out: Path | None = Field(None, description="output directory (default: runs/<job>)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for workers")
+    store_dir: Path | None = Field(
+        None, description="JetStream store of the embedded server (default: temporary; set it to replay later)"
+    )
+
+
+class ReplaySettings(BusSettings):
+    """`pangea replay`: train again on a job's stored batch stream, as a new job."""
+
+    nats_url: str | None = Field(None, description="NATS URL(s) of the server holding the job")
+    workers: int = Field(2, ge=1, description="workers of the replay (may differ from the original)")
+    out: Path | None = Field(None, description="output directory (default: runs/<replay job>)")
+    replay_job: str | None = Field(None, pattern=NAME_PATTERN, description="name of the replay job (default: <job>-replay-<time>)")
+    store_dir: Path | None = Field(None, description="without a URL: the embedded server's store holding the job")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for workers")
 
 

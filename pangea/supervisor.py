@@ -25,13 +25,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pangea import codec
 from pangea.bus import subjects
-from pangea.bus.client import Bus
+from pangea.bus.client import Bus, BusError
 from pangea.bus.server import EmbeddedServer
-from pangea.messages import RoundDone
-from pangea.settings import RunSettings
+from pangea.messages import JobSpec, RoundDone
+from pangea.settings import ReplaySettings, RunSettings
 
 log = logging.getLogger(__name__)
 _GRACE_SECONDS = 30.0
+RESTARTABLE = {"worker", "preprocessor"}  # the orchestrator's state is not on the bus yet
+MAX_RESTARTS = 5
 
 
 @dataclass
@@ -40,6 +42,8 @@ class Child:
     role: str
     proc: subprocess.Popen
     log_path: Path
+    env: dict[str, str]
+    restarts: int = 0
 
     def how_it_ended(self) -> str:
         code = self.proc.returncode
@@ -63,9 +67,10 @@ def default_job_name() -> str:
 
 
 class Supervisor:
-    def __init__(self, settings: RunSettings, console: Console | None = None) -> None:
+    def __init__(self, settings: RunSettings, console: Console | None = None, replay: ReplaySettings | None = None) -> None:
         self.settings = settings
-        self.job = settings.job or default_job_name()
+        self.replay = replay
+        self.job = settings.job or (f"{replay.job}-replay-{time.strftime('%H%M%S')}" if replay else default_job_name())
         self.out = settings.out or Path("runs") / self.job
         self.console = console or Console(stderr=True)
         self.children: list[Child] = []
@@ -74,7 +79,7 @@ class Supervisor:
     def role_env(self, nats_url: str) -> dict[str, str]:
         """PANGEA_* variables carrying the resolved settings to every role."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PANGEA_")}
-        values = self.settings.model_dump(exclude={"job", "out", "nats_url", "device"})
+        values = self.settings.model_dump(exclude={"job", "out", "nats_url", "device", "store_dir"})
         for key, value in values.items():
             if value is not None:
                 env[f"PANGEA_{key.upper()}"] = str(value)
@@ -85,28 +90,41 @@ class Supervisor:
     def spawn(self, name: str, role: str, env: dict[str, str]) -> Child:
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        path = logs / f"{name}.log"
-        handle = open(path, "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pangea", role], env=env, stdout=handle, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        handle.close()
-        child = Child(name, role, proc, path)
+        child = Child(name, role, self._start(role, env, logs / f"{name}.log"), logs / f"{name}.log", env)
         self.children.append(child)
-        # For operators and fault tests: which pid is which role.
-        (self.out / "pids.json").write_text(json.dumps({c.name: c.proc.pid for c in self.children}))
+        self._write_pids()
         return child
+
+    def _start(self, role: str, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+        with open(log_path, "ab") as handle:
+            return subprocess.Popen(
+                [sys.executable, "-m", "pangea", role], env=env, stdout=handle, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+
+    def _write_pids(self) -> None:
+        """For operators and fault tests: which pid is which role."""
+        (self.out / "pids.json").write_text(json.dumps({c.name: c.proc.pid for c in self.children}))
+
+    def restart(self, child: Child) -> None:
+        """Start a dead role again, as a compose restart policy or a Kubernetes Deployment would."""
+        child.restarts += 1
+        child.proc = self._start(child.role, child.env, child.log_path)
+        self._write_pids()
 
     def run(self) -> int:
         """Run the job to the end; the exit status of `pangea run`."""
         try:
-            self.validate()
             url = self.settings.nats_url
             if not url:
+                if self.replay and not self.settings.store_dir:
+                    raise BusError("replay reads a job's stored batches: set PANGEA_NATS_URL or --store-dir")
                 self.out.mkdir(parents=True, exist_ok=True)
-                self.server = EmbeddedServer(log_file=self.out / "nats-server.log").start()
+                self.server = EmbeddedServer(self.settings.store_dir, log_file=self.out / "nats-server.log").start()
                 url = self.server.url
+            if self.replay:
+                self.settings = asyncio.run(self._replay_settings(url))
+            self.validate()
             self.console.print(f"[bold]pangea[/] job [cyan]{self.job}[/] on {url} -> {self.out}")
             return asyncio.run(self._supervise(url))
         except RoleDied:
@@ -118,6 +136,23 @@ class Supervisor:
             self.stop_all()
             if self.server:
                 self.server.stop()
+
+    async def _replay_settings(self, url: str) -> RunSettings:
+        """The original job's training settings, from its spec on the bus, for the replay job."""
+        replay = self.replay
+        bus = await Bus.connect(replay.model_copy(update={"nats_url": url}), "replay")
+        try:
+            raw = await bus.kv_get(subjects.job_bucket(replay.job), "spec")
+        finally:
+            await bus.close()
+        if raw is None:
+            raise BusError(f"no job {replay.job!r} on {url}")
+        spec = codec.decode(raw, JobSpec)
+        return self.settings.model_copy(update=dict(
+            dataset=spec.dataset, model=spec.model, hidden=",".join(map(str, spec.hidden)), epochs=spec.epochs,
+            batch_size=spec.batch_size, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
+            optimizer=spec.optimizer, seed=spec.seed, source_job=replay.job,
+        ))
 
     def validate(self) -> None:
         """Fail in one line, before any process starts, on a dataset or model that cannot load."""
@@ -175,10 +210,16 @@ class Supervisor:
         )
 
     def _check_alive(self, exclude: Child) -> None:
+        """Restart a dead worker or preprocessor (their state is on the bus); give up after a few tries."""
         for child in self.children:
-            if child is not exclude and child.proc.poll() is not None and child.proc.returncode != 0:
-                self._report(child)
-                raise RoleDied(f"{child.name} {child.how_it_ended()}")
+            if child is exclude or child.proc.poll() is None or child.proc.returncode == 0:
+                continue
+            if child.role in RESTARTABLE and child.restarts < MAX_RESTARTS:
+                self.console.print(f"[yellow]role {child.name} {child.how_it_ended()}: restarting it[/]")
+                self.restart(child)
+                continue
+            self._report(child)
+            raise RoleDied(f"{child.name} {child.how_it_ended()}")
 
     def _report(self, child: Child) -> None:
         self.console.print(f"[red]role {child.name} {child.how_it_ended()}[/] (log: {child.log_path})")

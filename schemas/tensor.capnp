@@ -105,6 +105,8 @@ struct RoundPlan {
   batchSize @4 :UInt32;   # rows of this global batch (the last batch of an epoch may be short)
   shards @5 :List(Shard);
   final @6 :Bool;         # no more rounds: the preprocessor may stop
+  attempt @7 :UInt32;     # 0 for the first plan of a round, +1 for every re-issue
+  reissue @8 :List(UInt32);  # attempt > 0: the shards to publish again (to their new worker)
 }
 
 struct Heartbeat {
@@ -131,6 +133,11 @@ struct JobSpec {
   dataset @9 :Text;
   batchSize @10 :UInt32;
   epochs @11 :UInt32;
+  optimizer @12 :Text;
+  lr @13 :Float64;
+  momentum @14 :Float64;
+  weightDecay @15 :Float64;
+  sourceJob @16 :Text;    # a replay: the job whose stored batches it trains on
 }
 
 # Published by the orchestrator after each optimizer step (progress, status).
@@ -144,4 +151,5 @@ struct RoundDone {
   numSamples @6 :UInt32;
   testAccuracy @7 :Float64;   # NaN when not evaluated this round
   workers @8 :List(Text);
+  recentSeconds @9 :List(Float64);  # durations of the last rounds, newest last
 }

@@ -133,25 +133,52 @@ def test_four_workers_reach_95_percent(nats_url, job, tmp_path):
     assert metrics["final_test_accuracy"] >= 0.95, metrics["test_accuracy"]
 
 
-def test_supervisor_reports_a_dead_role(nats_url, job, tmp_path):
-    """A worker killed mid-run: `pangea run` names it, says how it died and exits non-zero."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen(
-        pangea_cmd("run", "--workers", "2", "--epochs", "200", "--job", job, "--out", str(out)),
-        env=role_env(nats_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def _start_run(out: Path, job: str, nats_url: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        pangea_cmd("run", "--job", job, "--out", str(out), *args),
+        env=role_env(nats_url, member_ttl=3, heartbeat_seconds=0.5), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
     )
+
+
+def _wait_for_log(path: Path, needle: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and needle in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{needle!r} never appeared in {path}")
+
+
+def test_supervisor_reports_a_dead_orchestrator(nats_url, job, tmp_path):
+    """The orchestrator killed mid-run: `pangea run` names it, says how it died and exits non-zero."""
+    out = tmp_path / "run"
+    proc = _start_run(out, job, nats_url, "--workers", "2", "--epochs", "200")
     try:
-        log = out / "logs" / "worker-1.log"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and "joined job" not in (log.read_text() if log.exists() else ""):
-            time.sleep(0.2)
+        _wait_for_log(out / "logs" / "orchestrator.log", "starting with")
         pids = json.loads((out / "pids.json").read_text())
-        os.kill(pids["worker-1"], signal.SIGKILL)
+        os.kill(pids["orchestrator"], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 1
-    assert "worker-1 killed by SIGKILL" in stderr
+    assert "orchestrator killed by SIGKILL" in stderr
     for pid in pids.values():  # every other role was stopped
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_killed_worker_is_restarted_and_the_run_stays_exact(nats_url, job, tmp_path):
+    out = tmp_path / "run"
+    proc = _start_run(out, job, nats_url, "--workers", "2", "--epochs", "3", "--batch-size", "32", "--seed", "5")
+    try:
+        _wait_for_log(out / "logs" / "orchestrator.log", "starting with")
+        time.sleep(1.0)
+        os.kill(json.loads((out / "pids.json").read_text())["worker-1"], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "worker-1 killed by SIGKILL: restarting it" in stderr
+    assert_exact(out, reference(tmp_path / "ref", epochs=3, batch_size=32, seed=5))

@@ -288,19 +288,24 @@ class Bus:
         start_sequence: int | None = None,
         batch: int = 64,
         max_ack_pending: int = 20_000,
+        job: str | None = None,
+        inactive_threshold: float | None = None,
     ) -> Puller:
-        """A pull consumer on the job's `what` stream filtered to `subject`."""
+        """A pull consumer on the `what` stream of this job (or of `job`) filtered to `subject`.
+
+        An ephemeral consumer (no durable name) goes away 10 minutes after its last pull.
+        """
         config = api.ConsumerConfig(
             ack_policy=api.AckPolicy.EXPLICIT,
             max_ack_pending=max_ack_pending,
             ack_wait=300,
-            inactive_threshold=None if durable else 600,
+            inactive_threshold=inactive_threshold or (None if durable else 600),
         )
         if start_sequence is not None:
             config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = start_sequence
         sub = await self.js.pull_subscribe(
-            subject, durable=durable, stream=subjects.stream(self.job, what), config=config,
+            subject, durable=durable, stream=subjects.stream(job or self.job, what), config=config,
             pending_bytes_limit=1 << 30,
         )
         return Puller(sub, batch)

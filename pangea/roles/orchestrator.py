@@ -2,7 +2,9 @@
 
 Round r, read top to bottom:
   plan r (live members, shards of global batch r) -> plans stream
-  collect every chunk of every shard's gradient for round r (stale/duplicate/foreign refused)
+  collect every chunk of every shard's gradient for round r (stale/duplicate/foreign refused);
+    a shard whose worker left is re-issued to a live worker at once, a shard still missing at
+    the deadline is re-issued to an idle worker (policy exact) or dropped (policy quorum)
   sample-weighted mean -> optimizer step -> params version r+1 -> params stream
 """
 
@@ -12,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 
 from pangea import codec
 from pangea.aggregate import Rejected, RoundAccumulator, split_batch
@@ -23,6 +26,7 @@ from pangea.layout import Layout
 from pangea.messages import Gradient, Heartbeat, JobSpec, Params, RoundDone, RoundPlan, Shard, Tensor
 from pangea.models import build_model
 from pangea.outputs import Metrics, write_outputs
+from pangea.planning import adaptive_deadline, pick_replacements
 from pangea.settings import OrchestratorSettings
 from pangea.training import batch_rows, evaluate, make_optimizer, total_rounds
 
@@ -47,6 +51,8 @@ class Orchestrator:
         self.total_rounds = total_rounds(settings, self.dataset)
         self.rejected: Counter[str] = Counter()
         self.metrics = Metrics(job=self.job, mode="run", settings=settings.model_dump(mode="json"))
+        self.known_members: list[str] = []
+        self.assigned: dict[int, set[str]] = {}  # shard -> every worker it was given this round
 
     # ------------------------------------------------------------------ setup
 
@@ -73,9 +79,15 @@ class Orchestrator:
             dataset=self.settings.dataset,
             batch_size=self.settings.batch_size,
             epochs=self.settings.epochs,
+            optimizer=self.settings.optimizer,
+            lr=self.settings.lr,
+            momentum=self.settings.momentum,
+            weight_decay=self.settings.weight_decay,
+            source_job=self.settings.source_job or "",
         )
         kv = await self.bus.kv(subjects.job_bucket(self.job))
         await kv.put("spec", codec.encode(spec))
+        self._job_kv = kv
         self._grads = await self.bus.pull("grads", subjects.grads(self.job), durable="orchestrator", batch=256)
         log.info(
             "job %s: %s on %s, %d parameters, %d rounds of %d samples",
@@ -114,6 +126,7 @@ class Orchestrator:
         await self.start()
         members = await self.wait_for_members(self.settings.workers)
         log.info("starting with %d workers: %s", len(members), ", ".join(members))
+        self.known_members = members
         started = time.perf_counter()
         await self.publish_params(0, final=self.total_rounds == 0)
         for r in range(self.total_rounds):
@@ -130,17 +143,22 @@ class Orchestrator:
         t0 = time.perf_counter()
         epoch, step = position(r, self.num_samples, self.settings.batch_size)
         rows = batch_rows(self.num_samples, self.settings.batch_size, step)
-        members = await self.members() or await self.wait_for_members(1)
+        members = await self.current_members(r)
         shards = tuple(Shard(w, a, b) for w, a, b in split_batch(rows, members))
-        if len(members) != (self.metrics.workers[-1] if self.metrics.workers else len(members)):
-            self._event(r, "membership", f"{len(members)} workers: {', '.join(members)}")
         plan = RoundPlan(self.job, SENDER, r, epoch, step, rows, shards)
         await self.publish_plan(plan)
 
         acc = RoundAccumulator(r, self.layout.numel, {i: s.size for i, s in enumerate(shards)})
         await self.collect(plan, acc)
+        if acc.complete:
+            mean = acc.mean()
+        else:
+            mean = acc.partial_mean()
+            self._event(r, "quorum", f"closed with {acc.complete_samples()} of {rows} samples "
+                        f"(missing shards {acc.missing()})")
+            self.metrics.quorum_rounds.append({"round": r, "samples": acc.complete_samples(), "planned": rows})
 
-        self.layout.set_grads(self.model, acc.mean())
+        self.layout.set_grads(self.model, mean)
         self.optimizer.step()
         seconds = time.perf_counter() - t0
         epoch_done = step == steps_per_epoch(self.num_samples, self.settings.batch_size) - 1
@@ -149,32 +167,90 @@ class Orchestrator:
 
         self.metrics.loss.append(acc.loss())
         self.metrics.round_seconds.append(seconds)
-        self.metrics.samples.append(rows)
+        self.metrics.samples.append(acc.complete_samples())
         self.metrics.workers.append(len(shards))
         if epoch_done:
             self.metrics.test_accuracy.append(accuracy)
         done = RoundDone(
-            self.job, SENDER, r, self.total_rounds, epoch, acc.loss(), seconds, rows, accuracy,
-            tuple(s.worker for s in shards),
+            self.job, SENDER, r, self.total_rounds, epoch, acc.loss(), seconds, acc.complete_samples(), accuracy,
+            tuple(self.known_members), tuple(self.metrics.round_seconds[-20:]),
         )
-        await self.bus.publish_event(subjects.rounds(self.job), codec.encode(done))
+        payload = codec.encode(done)
+        await self.bus.publish_event(subjects.rounds(self.job), payload)
+        await self._job_kv.put("round", payload)
         if epoch_done:
             log.info("epoch %d done (round %d/%d): loss %.4f, test accuracy %.4f",
                      epoch + 1, r + 1, self.total_rounds, acc.loss(), accuracy)
 
+    async def current_members(self, r: int) -> list[str]:
+        """Live members for round r (waiting for one if there is none); joins and leaves logged."""
+        members = await self.members() or await self.wait_for_members(1)
+        joined = sorted(set(members) - set(self.known_members))
+        left = sorted(set(self.known_members) - set(members))
+        if self.known_members and joined:
+            self._event(r, "join", f"joined: {', '.join(joined)}")
+        if left:
+            self._event(r, "leave", f"left: {', '.join(left)}")
+        self.known_members = members
+        return members
+
+    def deadline(self) -> float:
+        s = self.settings
+        if s.straggler_deadline > 0:
+            return s.straggler_deadline
+        return adaptive_deadline(self.metrics.round_seconds[-10:], s.deadline_factor, s.deadline_floor, s.deadline_cap)
+
     async def collect(self, plan: RoundPlan, acc: RoundAccumulator) -> None:
-        """Pull gradient chunks until every shard of the round is complete."""
-        waited_since = time.monotonic()
+        """Pull gradient chunks until every shard is complete, re-issuing shards of lost or slow workers.
+
+        Returns with the round incomplete only under policy quorum, at the deadline.
+        """
+        owners = {i: s.worker for i, s in enumerate(plan.shards)}
+        self.assigned = {i: {s.worker} for i, s in enumerate(plan.shards)}
+        self._attempt = 0
+        now = time.monotonic()
+        deadline, next_check, warn_at = now + self.deadline(), now + 0.5, now + self.settings.round_warn_seconds
         while not acc.complete:
-            delivery = await self._grads.next(timeout=1.0)
-            if delivery is None:
-                if time.monotonic() - waited_since > self.settings.round_warn_seconds:
-                    missing = [plan.shards[s].worker for s in acc.missing()]
-                    log.warning("round %d still waiting for %s", plan.round, ", ".join(missing))
-                    waited_since = time.monotonic()
-                continue
-            self.intake(plan, acc, delivery)
-            await delivery.ack()
+            delivery = await self._grads.next(timeout=0.2)
+            if delivery is not None:
+                self.intake(plan, acc, delivery)
+                await delivery.ack()
+                if acc.complete:
+                    break
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 0.5
+                live = await self.members()
+                gone = {s: owners[s] for s in acc.missing() if owners[s] not in live}
+                if gone:
+                    await self.reissue(plan, owners, gone, live, acc, "left the job")
+            if now >= deadline:
+                if self.settings.policy == "quorum":
+                    return
+                slow = {s: owners[s] for s in acc.missing()}
+                await self.reissue(plan, owners, slow, await self.members(), acc, "missed the deadline")
+                deadline = now + self.deadline()
+            if now >= warn_at:
+                log.warning("round %d still waiting for %s", plan.round, ", ".join(owners[s] for s in acc.missing()))
+                warn_at = now + self.settings.round_warn_seconds
+
+    async def reissue(
+        self, plan: RoundPlan, owners: dict[int, str], shards: dict[int, str], live: list[str],
+        acc: RoundAccumulator, why: str,
+    ) -> None:
+        """Give `shards` to other live workers: a new attempt of the plan, re-published by the preprocessor."""
+        missing = set(acc.missing())
+        idle = [w for w in live if all(owners[s] != w for s in missing)]
+        choice = pick_replacements(shards, live, idle, self.assigned)
+        if not choice:
+            return
+        self._attempt += 1
+        for shard, worker in choice.items():
+            self._event(plan.round, "reassign", f"shard {shard} of {owners[shard]} ({why}) -> {worker}")
+            owners[shard] = worker
+            self.assigned[shard].add(worker)
+        shards_now = tuple(replace(s, worker=owners[i]) for i, s in enumerate(plan.shards))
+        await self.publish_plan(replace(plan, shards=shards_now, attempt=self._attempt, reissue=tuple(sorted(choice))))
 
     def intake(self, plan: RoundPlan, acc: RoundAccumulator, delivery: Delivery) -> bool:
         """Validate one gradient chunk and add it to the round; refusals are logged and counted."""
@@ -197,7 +273,7 @@ class Orchestrator:
             raise Rejected("stale_round", f"round {grad.round}, current {plan.round}")
         if grad.round > plan.round:
             raise Rejected("future_round", f"round {grad.round}, current {plan.round}")
-        if grad.shard >= len(plan.shards) or plan.shards[grad.shard].worker != grad.sender:
+        if grad.sender not in self.assigned.get(grad.shard, ()):
             raise Rejected("unknown_sender", f"shard {grad.shard} of round {plan.round} is not theirs")
         if grad.params_version != plan.round:
             raise Rejected("stale_params", f"computed on version {grad.params_version}, need {plan.round}")
@@ -207,7 +283,8 @@ class Orchestrator:
     # ------------------------------------------------------------------ publishing
 
     async def publish_plan(self, plan: RoundPlan) -> None:
-        await self.bus.publish([(subjects.plans(self.job), codec.encode(plan), f"plan:{plan.round}")])
+        msg_id = f"plan:{plan.round}:{plan.attempt}"
+        await self.bus.publish([(subjects.plans(self.job), codec.encode(plan), msg_id)])
 
     async def publish_params(self, version: int, final: bool) -> None:
         """Broadcast the current parameters as `version`, chunked to fit the server."""

@@ -1,24 +1,94 @@
 """The preprocessor: follows the round plans and publishes each worker's shard of the batch.
 
-For every plan r: the global batch r (a seeded shuffle, independent of the worker count)
-is cut into the plan's shards, and shard i goes to `pangea.<job>.batches.<worker>`,
-stored in the job's batch stream (the replay log).
+For every plan of round r: global batch r (a seeded shuffle, independent of the worker
+count) is cut into the plan's shards, and shard i goes to `pangea.<job>.batches.<worker>`,
+stored in the job's batch stream (the replay log).  A re-issued plan (attempt > 0)
+publishes only the shards it moved.  For a replay, the global batches come from another
+job's stored batch stream instead of the dataset.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from pangea import codec
 from pangea.bus import subjects
 from pangea.bus.client import Bus
 from pangea.data import DataError, global_batch, load_dataset
-from pangea.messages import Batch, RoundPlan, Tensor
+from pangea.messages import Batch, JobSpec, RoundPlan, Tensor
 from pangea.roles.jobspec import wait_for_job_spec
 from pangea.settings import PreprocessorSettings
 
 log = logging.getLogger(__name__)
 SENDER = "preprocessor"
+_STREAM_IDLE_SECONDS = 15.0
+
+
+class DatasetSource:
+    """Global batches from the training set, in the seeded order every role agrees on."""
+
+    def __init__(self, spec: JobSpec, dataset_path: str) -> None:
+        dataset = load_dataset(dataset_path)
+        if dataset.input_shape != spec.input_shape:
+            raise DataError(
+                f"dataset {dataset.name} has samples of shape {dataset.input_shape}, job expects {spec.input_shape}"
+            )
+        self.x, self.y, self.spec = dataset.x_train, dataset.y_train, spec
+        log.info("serving %d training samples of %s", len(self.x), dataset.name)
+
+    async def global_batch(self, plan: RoundPlan) -> tuple[np.ndarray, np.ndarray]:
+        idx = global_batch(len(self.x), self.spec.batch_size, self.spec.seed, plan.epoch, plan.step)
+        if len(idx) != plan.batch_size:
+            raise DataError(f"plan {plan.round} asks for {plan.batch_size} rows, global batch has {len(idx)}")
+        return self.x[idx], self.y[idx]
+
+
+class StreamSource:
+    """Global batches rebuilt from the shards another job stored in its batch stream."""
+
+    def __init__(self, bus: Bus, source_job: str) -> None:
+        self.bus = bus
+        self.source = source_job
+        self.pending: dict[int, dict[int, Batch]] = {}  # round -> shard start -> shard
+        self.puller = None
+        self._last: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    async def global_batch(self, plan: RoundPlan) -> tuple[np.ndarray, np.ndarray]:
+        if self.puller is None:
+            self.puller = await self.bus.pull(
+                "batches", subjects.batches(self.source), durable=None, job=self.source, batch=64
+            )
+            log.info("replaying the stored batches of job %s", self.source)
+        r = plan.round
+        if self._last and self._last[0] == r:  # a re-issued plan of the round just served
+            return self._last[1], self._last[2]
+        while not self._covered(r, plan.batch_size):
+            delivery = await self.puller.next(timeout=_STREAM_IDLE_SECONDS)
+            if delivery is None:
+                raise DataError(f"job {self.source}'s stored batches end before round {r} is complete")
+            await delivery.ack()
+            batch = codec.decode(delivery.payload, Batch)
+            if batch.round > r and not self._covered(r, plan.batch_size):
+                raise DataError(
+                    f"job {self.source}'s stored batches lack part of round {r} "
+                    "(expired from the stream? see PANGEA_BATCH_RETENTION_HOURS)"
+                )
+            if batch.round >= r:
+                self.pending.setdefault(batch.round, {}).setdefault(batch.start, batch)
+        shards = sorted(self.pending.pop(r).values(), key=lambda b: b.start)
+        x, y = np.concatenate([b.x.numpy() for b in shards]), np.concatenate([b.y.numpy() for b in shards])
+        self._last = (r, x, y)
+        return x, y
+
+    def _covered(self, r: int, rows: int) -> bool:
+        end = 0
+        for start in sorted(self.pending.get(r, {})):
+            if start != end:
+                return False
+            end = self.pending[r][start].stop
+        return end == rows
 
 
 class Preprocessor:
@@ -30,13 +100,11 @@ class Preprocessor:
 
     async def run(self) -> None:
         spec = await wait_for_job_spec(self.bus)
-        dataset = load_dataset(self.settings.dataset or spec.dataset)
-        if dataset.input_shape != spec.input_shape:
-            raise DataError(f"dataset {dataset.name} has samples of shape {dataset.input_shape}, job expects {spec.input_shape}")
-        self.x, self.y = dataset.x_train, dataset.y_train
-        self.spec = spec
+        if spec.source_job:
+            self.source = StreamSource(self.bus, spec.source_job)
+        else:
+            self.source = DatasetSource(spec, self.settings.dataset or spec.dataset)
         plans = await self.bus.pull("plans", subjects.plans(self.job), durable=SENDER, batch=16)
-        log.info("preprocessor for job %s: %d training samples", self.job, len(self.x))
         while True:
             delivery = await plans.next(timeout=1.0)
             if delivery is None:
@@ -56,16 +124,17 @@ class Preprocessor:
             await delivery.ack()
 
     async def publish_round(self, plan: RoundPlan) -> None:
-        idx = global_batch(len(self.x), self.spec.batch_size, self.spec.seed, plan.epoch, plan.step)
-        if len(idx) != plan.batch_size:
-            log.warning("plan %d asks for %d rows, global batch has %d: skipped", plan.round, plan.batch_size, len(idx))
-            return
+        x, y = await self.source.global_batch(plan)
+        chosen = plan.reissue if plan.attempt else range(len(plan.shards))
         items = []
-        for i, shard in enumerate(plan.shards):
-            rows = idx[shard.start : shard.stop]
+        for i in chosen:
+            shard = plan.shards[i]
             batch = Batch(
                 self.job, SENDER, plan.round, plan.epoch, plan.step, shard.worker, i, shard.start, shard.stop,
-                Tensor.from_numpy(self.x[rows], "x"), Tensor.from_numpy(self.y[rows], "y"),
+                Tensor.from_numpy(x[shard.start : shard.stop], "x"), Tensor.from_numpy(y[shard.start : shard.stop], "y"),
             )
-            items.append((subjects.batches(self.job, shard.worker), codec.encode(batch), f"batch:{plan.round}:{i}"))
+            msg_id = f"batch:{plan.round}:{i}:{plan.attempt}"
+            items.append((subjects.batches(self.job, shard.worker), codec.encode(batch), msg_id))
+        if plan.attempt:
+            log.info("round %d attempt %d: shards %s re-issued", plan.round, plan.attempt, list(plan.reissue))
         await self.bus.publish(items)

@@ -56,6 +56,13 @@ class Worker:
         self.rejected = 0
         self.version = -1  # parameter version loaded into the model
         self.final = False
+        self.stopping = False
+
+    def request_stop(self) -> None:
+        """Graceful leave (SIGTERM): finish the shard in hand, then leave the job."""
+        if not self.stopping:
+            log.info("worker %s leaving after its current shard", self.id)
+        self.stopping = True
 
     async def run(self) -> None:
         if self.settings.torch_threads:
@@ -81,7 +88,7 @@ class Worker:
         log.info("worker %s done: %d shards", self.id, self.shards_done)
 
     async def _loop(self) -> None:
-        while not self.final:
+        while not self.final and not self.stopping:
             delivery = await self.batches.next(timeout=0.5)
             if delivery is None:
                 await self._read_params(until=None, timeout=0.05)
@@ -118,6 +125,8 @@ class Worker:
         self.shards_done += 1
 
     def _gradient(self, batch: Batch) -> tuple[np.ndarray, float]:
+        if self.settings.test_delay:
+            time.sleep(self.settings.test_delay)
         x = batch.x.torch().to(self.device)
         y = batch.y.torch().to(self.device)
         self.model.zero_grad(set_to_none=True)
