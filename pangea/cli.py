@@ -28,6 +28,10 @@ EXAMPLES = {
     "preprocessor": "example:\n  pangea preprocessor --nats-url nats://127.0.0.1:4222 --job exp1",
     "worker": "example:\n  pangea worker --nats-url nats://127.0.0.1:4222 --job exp1",
     "delete": "example:\n  pangea delete --nats-url nats://127.0.0.1:4222 --job exp1",
+    "replay": "examples:\n  pangea replay --nats-url nats://127.0.0.1:4222 --job exp1 --workers 3 --out runs/exp1-replay\n"
+    "  pangea run --store-dir runs/store --job exp2 && pangea replay --store-dir runs/store --job exp2",
+    "status": "examples:\n  pangea status --nats-url nats://127.0.0.1:4222 --job exp1\n"
+    "  pangea status --job exp1 --json   # for scripts and autoscalers",
 }
 
 
@@ -72,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", help="number of worker processes (default 2)")
     run.add_argument("--device", help="auto, cpu or cuda for the workers")
     run.add_argument("--out", help="output directory (default runs/<job>)")
+    run.add_argument("--store-dir", help="JetStream store of the embedded server (default: temporary)")
+    run.add_argument("--policy", help="exact (re-issue slow shards) or quorum (close rounds without them)")
+    run.add_argument("--straggler-deadline", help="seconds a round waits for a shard (0: adaptive)")
     _bus_flags(run, "job name (default: generated)")
 
     ref = command("reference", "train in one plain process with no bus: the yardstick for exactness")
@@ -82,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_flags(orch)
     orch.add_argument("--workers", help="workers that must be present before round 0")
     orch.add_argument("--out", help="output directory")
+    orch.add_argument("--policy", help="exact (re-issue slow shards) or quorum (close rounds without them)")
+    orch.add_argument("--straggler-deadline", help="seconds a round waits for a shard (0: adaptive)")
     _bus_flags(orch)
 
     pre = command("preprocessor", "run the preprocessor role: publishes each worker's shards")
@@ -93,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--device", help="auto, cpu or cuda")
     work.add_argument("--torch-threads", help="torch intra-op threads (0: torch default)")
     _bus_flags(work)
+
+    replay = command("replay", "train again on a job's stored batch stream (no dataset preprocessing), as a new job")
+    replay.add_argument("--workers", help="workers of the replay (default 2; may differ from the original)")
+    replay.add_argument("--out", help="output directory (default runs/<replay job>)")
+    replay.add_argument("--replay-job", help="name of the replay job (default <job>-replay-<time>)")
+    replay.add_argument("--store-dir", help="without --nats-url: the embedded server's store holding the job")
+    replay.add_argument("--device", help="auto, cpu or cuda for the workers")
+    _bus_flags(replay, "the job to replay")
+
+    status = command("status", "members, backlog, progress and round times of a job")
+    status.add_argument("--json", action="store_true", default=None, help="print JSON instead of a table")
+    _bus_flags(status)
 
     delete = command("delete", "remove a job's streams and buckets from the server")
     _bus_flags(delete)
@@ -196,6 +217,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         from pangea.roles.worker import Worker
 
         return _role("worker", cfg.load(cfg.WorkerSettings, **over), Worker)
+    if args.command == "replay":
+        from pangea.supervisor import Supervisor
+
+        replay = cfg.load(cfg.ReplaySettings, **over)
+        run = cfg.RunSettings(
+            nats_url=replay.nats_url, job=replay.replay_job, out=replay.out, workers=replay.workers,
+            store_dir=replay.store_dir, device=replay.device,
+        )
+        return Supervisor(run, replay=replay).run()
+    if args.command == "status":
+        return _status(cfg.load(cfg.BusSettings, **{k: v for k, v in over.items() if k != "json"}), bool(args.json))
     if args.command == "delete":
         settings = cfg.load(cfg.BusSettings, **over)
 
@@ -209,6 +241,27 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return _run_async(delete)
     raise AssertionError(args.command)
+
+
+def _status(settings: cfg.BusSettings, as_json: bool) -> int:
+    import json
+
+    from rich.console import Console
+
+    from pangea.status import job_status, print_status
+
+    async def show() -> None:
+        bus = await Bus.connect(settings, "status")
+        try:
+            status = await job_status(bus)
+        finally:
+            await bus.close()
+        if as_json:
+            print(json.dumps(status, indent=2))
+        else:
+            print_status(status, Console())
+
+    return _run_async(show)
 
 
 if __name__ == "__main__":

@@ -318,6 +318,14 @@ class Bus:
             return None
         return msg.seq, msg.data
 
+    async def consumer_backlog(self, what: str, durable: str) -> tuple[int, int] | None:
+        """(messages not yet delivered, delivered but unacknowledged) of a durable consumer."""
+        try:
+            info = await self.js.consumer_info(subjects.stream(self.job, what), durable)
+        except nats.js.errors.NotFoundError:
+            return None
+        return info.num_pending, info.num_ack_pending
+
     # ------------------------------------------------------------ publishing
 
     async def publish(self, items: Iterable[tuple[str, bytes, str]]) -> None:
