@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"pangea {args.command}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, cfg.SettingsError) else 1
+    except BrokenPipeError:  # e.g. `pangea status --json | head`
+        sys.stderr.close()
+        return 0
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -191,6 +191,8 @@ class Bus:
                 subjects=[subjects.batches(job)],
                 storage=storage,
                 max_age=self.settings.batch_retention_hours * 3600,
+                max_bytes=self.settings.batch_retention_bytes,
+                max_msgs_per_subject=self.settings.batch_retention_shards,
                 duplicate_window=120,
             ),
             api.StreamConfig(
