@@ -57,10 +57,12 @@ class Assembler:
         self._count: int | None = None
 
     def add(self, version: int, chunk: Chunk, values: np.ndarray) -> None:
-        """Store a chunk; a chunk of a newer version discards an unfinished older one."""
+        """Store a chunk; a newer version discards an unfinished older one, an older chunk is ignored."""
         problem = check(chunk, values.shape[0], self.total)
         if problem:
             raise ValueError(problem)
+        if self.version is not None and version < self.version:
+            return  # a late chunk of a version already superseded
         if version != self.version:
             self.version, self._seen, self._count = version, set(), chunk.count
         if chunk.count != self._count:

@@ -20,9 +20,8 @@ import numpy as np
 
 from pangea import messages as m
 
-# Large tensors exceed pycapnp's default traversal limit (64 MiB); payload size is
-# bounded by the server's max payload instead.
-_TRAVERSAL_LIMIT_WORDS = 2**62
+# The traversal limit guards against a few bytes claiming a huge list (amplification):
+# a valid message never needs to traverse more than about its own size.
 _NESTING_LIMIT = 16
 
 _STRUCTS: dict[type, str] = {
@@ -179,9 +178,8 @@ def peek_kind(payload: bytes | memoryview) -> str:
 
 
 def _reader(payload, struct_name: str):
-    return getattr(schema(), struct_name).from_bytes(
-        payload, traversal_limit_in_words=_TRAVERSAL_LIMIT_WORDS, nesting_limit=_NESTING_LIMIT
-    )
+    limit = 2 * (len(payload) // 8) + 1024
+    return getattr(schema(), struct_name).from_bytes(payload, traversal_limit_in_words=limit, nesting_limit=_NESTING_LIMIT)
 
 
 def _get(reader, name: str, hint, payload):

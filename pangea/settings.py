@@ -44,8 +44,8 @@ class BusSettings(_Base):
         24.0, gt=0, description="how long stored batches stay replayable"
     )
     batch_retention_bytes: int = Field(-1, ge=-1, description="most bytes the batch stream keeps (-1: no limit)")
-    batch_retention_shards: int = Field(
-        -1, ge=-1, description="most batches kept per worker subject (-1: no limit)"
+    batch_retention_rounds: int = Field(
+        0, ge=0, description="keep only the batches of this many latest rounds (0: no limit)"
     )
     heartbeat_seconds: float = Field(1.0, gt=0, description="worker heartbeat period")
     member_ttl: float = Field(10.0, gt=0, description="seconds without heartbeat before a worker is gone")

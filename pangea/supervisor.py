@@ -62,6 +62,14 @@ class RoleDied(RuntimeError):
     """A role process ended before the job was done."""
 
 
+class Terminated(Exception):
+    """SIGTERM reached `pangea run`."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def default_job_name() -> str:
     return time.strftime("run-%Y%m%d-%H%M%S") + f"-{os.getpid() % 10000}"
 
@@ -114,7 +122,10 @@ class Supervisor:
 
     def run(self) -> int:
         """Run the job to the end; the exit status of `pangea run`."""
+        signal.signal(signal.SIGTERM, _raise_terminated)  # `kill`, docker stop: same as Ctrl+C
         try:
+            if not self.replay:
+                self.validate()  # before anything starts: a bad dataset or model is one line
             url = self.settings.nats_url
             if not url:
                 if self.replay and not self.settings.store_dir:
@@ -124,12 +135,12 @@ class Supervisor:
                 url = self.server.url
             if self.replay:
                 self.settings = asyncio.run(self._replay_settings(url))
-            self.validate()
+                self.validate()
             self.console.print(f"[bold]pangea[/] job [cyan]{self.job}[/] on {url} -> {self.out}")
             return asyncio.run(self._supervise(url))
         except RoleDied:
             return 1
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated):
             self.console.print("[yellow]interrupted: stopping all roles[/]")
             return 130
         finally:

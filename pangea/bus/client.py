@@ -19,16 +19,18 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from pangea.bus import subjects
+from pangea.bus import frames, subjects
 from pangea.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
 # Room for headers and capnp framing inside the server's max payload.
 PAYLOAD_HEADROOM = 8 * 1024
-_FRAME = "Pangea-Frame"  # "index/count" of a message split into frames
-_PUBLISH_RETRIES = 20
-_ACK_TIMEOUT = 30.0
+_ACK_TIMEOUT = 10.0  # one acknowledgement; a lost one is resent (the msg id makes that safe)
+_RETRY_BUDGET = 300.0  # seconds of retries before a publish fails; well inside DUPLICATE_WINDOW
+DUPLICATE_WINDOW = 600.0
+_ACK_WAIT = 30.0  # an unacknowledged delivery comes back after this long
+_PENDING_SIZE = 128 << 20  # client-side buffer while reconnecting
 
 
 class BusError(RuntimeError):
@@ -47,39 +49,51 @@ class Delivery:
     def sequence(self) -> int:
         return self._msgs[-1].metadata.sequence.stream
 
-    @property
-    def num_delivered(self) -> int:
-        return self._msgs[-1].metadata.num_delivered
-
     async def ack(self) -> None:
         for msg in self._msgs:
             await msg.ack()
+
+    async def in_progress(self) -> None:
+        """Tell the server the message is still being worked on (resets its ack wait)."""
+        for msg in self._msgs:
+            await msg.in_progress()
 
 
 class Puller:
     """A pull consumer read one logical message at a time, fetching in batches."""
 
-    def __init__(self, sub, batch: int) -> None:
+    def __init__(self, sub, batch: int, describe: str) -> None:
         self._sub = sub
         self._batch = batch
+        self._describe = describe
         self._buffer: deque = deque()
+        self._frames = frames.Reassembler()
+        self.refused = 0  # malformed or stray frames, acked and dropped
 
     async def next(self, timeout: float) -> Delivery | None:
-        """The next message, or None if nothing arrived within `timeout` seconds."""
-        first = await self._pop(timeout)
-        if first is None:
-            return None
-        frame = (first.headers or {}).get(_FRAME)
-        if not frame:
-            return Delivery(first.data, first.subject, [first])
-        count = int(frame.split("/")[1])
-        msgs = [first]
-        while len(msgs) < count:
-            more = await self._pop(max(timeout, 5.0))
-            if more is None:
-                raise BusError(f"frame {len(msgs)}/{count} of a message on {first.subject} never arrived")
-            msgs.append(more)
-        return Delivery(b"".join(m.data for m in msgs), first.subject, msgs)
+        """The next message, or None if nothing complete arrived within `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for stale in self._frames.expire():
+                await self._refuse(stale, "incomplete message expired")
+            msg = await self._pop(max(0.001, deadline - loop.time()))
+            if msg is None:
+                return None
+            if not frames.is_frame(msg):
+                return Delivery(msg.data, msg.subject, [msg])
+            try:
+                done = self._frames.add(msg)
+            except frames.FrameError as exc:
+                await self._refuse(msg, str(exc))
+                continue
+            if done is not None:
+                return Delivery(done[0], msg.subject, done[1])
+
+    async def _refuse(self, msg, why: str) -> None:
+        self.refused += 1
+        log.warning("refused a frame on %s: %s", msg.subject, why)
+        await msg.ack()
 
     async def _pop(self, timeout: float):
         if not self._buffer:
@@ -90,6 +104,12 @@ class Puller:
         return self._buffer.popleft() if self._buffer else None
 
     async def close(self) -> None:
+        """Hand back what was fetched but not handled, so that it is redelivered at once."""
+        while self._buffer:
+            try:
+                await self._buffer.popleft().nak()
+            except Exception:  # noqa: BLE001 - the server redelivers after ack_wait anyway
+                pass
         try:
             await self._sub.unsubscribe()
         except Exception:  # noqa: BLE001 - closing a dead subscription is not an error
@@ -142,6 +162,7 @@ class Bus:
                     error_cb=on_error,
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
+                    pending_size=_PENDING_SIZE,
                 ),
                 settings.connect_timeout,
             )
@@ -192,26 +213,25 @@ class Bus:
                 storage=storage,
                 max_age=self.settings.batch_retention_hours * 3600,
                 max_bytes=self.settings.batch_retention_bytes,
-                max_msgs_per_subject=self.settings.batch_retention_shards,
-                duplicate_window=120,
+                duplicate_window=DUPLICATE_WINDOW,
             ),
             api.StreamConfig(
                 name=subjects.stream(job, "plans"), subjects=[subjects.plans(job)], storage=storage,
-                duplicate_window=120,
+                duplicate_window=DUPLICATE_WINDOW,
             ),
             api.StreamConfig(
                 name=subjects.stream(job, "grads"),
                 subjects=[subjects.grads(job)],
                 storage=storage,
                 retention=api.RetentionPolicy.WORK_QUEUE,
-                duplicate_window=120,
+                duplicate_window=DUPLICATE_WINDOW,
             ),
             api.StreamConfig(
                 name=subjects.stream(job, "params"),
                 subjects=[subjects.params(job)],
                 storage=storage,
                 max_bytes=max(64 << 20, 4 * (params_bytes + (params_bytes // self.chunk_bytes + 1) * 512)),
-                duplicate_window=120,
+                duplicate_window=DUPLICATE_WINDOW,
             ),
         ]
         for config in configs:
@@ -225,6 +245,10 @@ class Bus:
                 await self.js.add_stream(config)
             except nats.js.errors.BadRequestError as exc:
                 raise BusError(f"cannot create stream {config.name}: {exc.description}") from None
+
+    async def purge_before(self, what: str, sequence: int) -> None:
+        """Drop every message of the job's `what` stream below `sequence`."""
+        await self.js.purge_stream(subjects.stream(self.job, what), seq=sequence)
 
     async def job_exists(self) -> bool:
         """True if the job's plan stream already holds rounds (a previous run of this job)."""
@@ -300,7 +324,7 @@ class Bus:
         config = api.ConsumerConfig(
             ack_policy=api.AckPolicy.EXPLICIT,
             max_ack_pending=max_ack_pending,
-            ack_wait=300,
+            ack_wait=_ACK_WAIT,
             inactive_threshold=inactive_threshold or (None if durable else 600),
         )
         if start_sequence is not None:
@@ -310,7 +334,7 @@ class Bus:
             subject, durable=durable, stream=subjects.stream(job or self.job, what), config=config,
             pending_bytes_limit=1 << 30,
         )
-        return Puller(sub, batch)
+        return Puller(sub, batch, subject)
 
     async def last_sequence_and_payload(self, what: str, subject: str) -> tuple[int, bytes] | None:
         """The last message stored on `subject`, or None if there is none."""
@@ -330,49 +354,55 @@ class Bus:
 
     # ------------------------------------------------------------ publishing
 
-    async def publish(self, items: Iterable[tuple[str, bytes, str]]) -> None:
+    async def publish(self, items: Iterable[tuple[str, bytes, str]]) -> list[int]:
         """Store (subject, payload, msg_id) messages in JetStream, `publish_window` in flight.
 
-        A payload above the server's max payload is sent as consecutive frames.  Returns
-        once the server acknowledged every message.
+        A payload above the server's max payload is sent as frames.  Returns the stream
+        sequence of every stored frame, once the server acknowledged each one; a message
+        the server does not acknowledge is sent again (same msg id: stored once) until
+        the retry budget runs out, then BusError.
         """
+        limit = self.max_payload - PAYLOAD_HEADROOM
         pending: deque = deque()
+        sequences: list[int] = []
         for subject, payload, msg_id in items:
-            for frame in self._frames(subject, payload, msg_id):
+            for data, headers in frames.split(payload, limit, msg_id):
+                frame = (subject, data, headers)
                 pending.append((frame, await self._send(frame)))
                 if len(pending) >= self.settings.publish_window:
-                    await self._settle(*pending.popleft())
+                    sequences.append(await self._settle(*pending.popleft()))
         while pending:
-            await self._settle(*pending.popleft())
+            sequences.append(await self._settle(*pending.popleft()))
+        return sequences
 
-    def _frames(self, subject: str, payload: bytes, msg_id: str):
-        limit = self.max_payload - PAYLOAD_HEADROOM
-        if len(payload) <= limit:
-            yield subject, payload, {"Nats-Msg-Id": msg_id}
-            return
-        view = memoryview(payload)
-        count = -(-len(payload) // limit)
-        for i in range(count):
-            headers = {"Nats-Msg-Id": f"{msg_id}#{i}", _FRAME: f"{i}/{count}"}
-            yield subject, bytes(view[i * limit : (i + 1) * limit]), headers
-
-    async def _send(self, frame):
-        subject, payload, headers = frame
-        return await self.js.publish_async(subject, payload, headers=dict(headers))
-
-    async def _settle(self, frame, future) -> None:
+    async def _send(self, frame, give_up_at: float | None = None):
+        loop = asyncio.get_running_loop()
+        give_up_at = give_up_at or loop.time() + _RETRY_BUDGET
         delay = 0.05
-        for attempt in range(_PUBLISH_RETRIES):
+        while True:
             try:
-                await asyncio.wait_for(future, _ACK_TIMEOUT)
-                return
-            except (asyncio.TimeoutError, nats.errors.TimeoutError, nats.js.errors.APIError,
-                    nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
-                log.warning("publish to %s not acknowledged (%s); retry %d", frame[0], exc, attempt + 1)
+                return await self.js.publish_async(frame[0], frame[1], headers=dict(frame[2]))
+            except nats.errors.Error as exc:  # reconnecting, buffer full, closed...
+                if self.closing or loop.time() + delay > give_up_at:
+                    raise BusError(f"cannot publish to {frame[0]}: {exc!r}") from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-                future = await self._send(frame)
-        raise BusError(f"server did not store a message on {frame[0]} after {_PUBLISH_RETRIES} tries")
+
+    async def _settle(self, frame, future) -> int:
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + _RETRY_BUDGET
+        delay = 0.05
+        while True:
+            try:
+                ack = await asyncio.wait_for(future, _ACK_TIMEOUT)
+                return ack.seq
+            except (asyncio.TimeoutError, nats.errors.Error) as exc:
+                if self.closing or loop.time() + delay > give_up_at:
+                    raise BusError(f"the server did not store a message on {frame[0]}: {exc!r}") from None
+                log.warning("publish to %s not acknowledged (%r); sending it again", frame[0], exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                future = await self._send(frame, give_up_at)
 
     async def publish_event(self, subject: str, payload: bytes) -> None:
         """Fire-and-forget core NATS message (progress events; losing one is harmless)."""

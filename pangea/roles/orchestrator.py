@@ -53,6 +53,7 @@ class Orchestrator:
         self.metrics = Metrics(job=self.job, mode="run", settings=settings.model_dump(mode="json"))
         self.known_members: list[str] = []
         self.assigned: dict[int, set[str]] = {}  # shard -> every worker it was given this round
+        self._late: set[tuple[int, int]] = set()  # (round, shard) re-issued or dropped: late copies expected
 
     # ------------------------------------------------------------------ setup
 
@@ -96,7 +97,8 @@ class Orchestrator:
         )
 
     async def members(self) -> list[str]:
-        """Live workers (fresh heartbeat), sorted by id."""
+        """Live workers, sorted by id: a key in the members bucket, which the server expires
+        PANGEA_MEMBER_TTL seconds after the last heartbeat (the server's clock, not the workers')."""
         items = await self.bus.kv_items(subjects.members_bucket(self.job))
         live = []
         for worker, raw in items.items():
@@ -105,7 +107,7 @@ class Orchestrator:
             except codec.CodecError as exc:
                 self._reject("malformed", f"heartbeat {worker}: {exc}")
                 continue
-            if time.time() - beat.sent_at <= self.settings.member_ttl:
+            if beat.worker == worker and beat.job == self.job:
                 live.append(worker)
         return sorted(live)
 
@@ -225,7 +227,8 @@ class Orchestrator:
                 if gone:
                     await self.reissue(plan, owners, gone, live, acc, "left the job")
             if now >= deadline:
-                if self.settings.policy == "quorum":
+                if self.settings.policy == "quorum" and acc.complete_samples() > 0:
+                    self._late.update((plan.round, s) for s in acc.missing())
                     return
                 slow = {s: owners[s] for s in acc.missing()}
                 await self.reissue(plan, owners, slow, await self.members(), acc, "missed the deadline")
@@ -245,6 +248,7 @@ class Orchestrator:
         if not choice:
             return
         self._attempt += 1
+        self._late.update((plan.round, s) for s in choice)
         for shard, worker in choice.items():
             self._event(plan.round, "reassign", f"shard {shard} of {owners[shard]} ({why}) -> {worker}")
             owners[shard] = worker
@@ -270,6 +274,8 @@ class Orchestrator:
         if grad.job != self.job:
             raise Rejected("wrong_job", f"gradient for job {grad.job!r}")
         if grad.round < plan.round:
+            if (grad.round, grad.shard) in self._late:
+                raise Rejected("straggler_late", f"round {grad.round} shard {grad.shard} was re-issued or dropped")
             raise Rejected("stale_round", f"round {grad.round}, current {plan.round}")
         if grad.round > plan.round:
             raise Rejected("future_round", f"round {grad.round}, current {plan.round}")

@@ -10,6 +10,7 @@ job's stored batch stream instead of the dataset.
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 import numpy as np
 
@@ -97,6 +98,7 @@ class Preprocessor:
         self.bus = bus
         self.job = settings.job
         self.rejected = 0
+        self._round_starts: deque[tuple[int, int]] = deque()  # (round, first stream sequence)
 
     async def run(self) -> None:
         spec = await wait_for_job_spec(self.bus)
@@ -137,4 +139,16 @@ class Preprocessor:
             items.append((subjects.batches(self.job, shard.worker), codec.encode(batch), msg_id))
         if plan.attempt:
             log.info("round %d attempt %d: shards %s re-issued", plan.round, plan.attempt, list(plan.reissue))
-        await self.bus.publish(items)
+        sequences = await self.bus.publish(items)
+        await self._retain(plan, min(sequences))
+
+    async def _retain(self, plan: RoundPlan, first_sequence: int) -> None:
+        """With PANGEA_BATCH_RETENTION_ROUNDS = N, drop the batches of rounds before the last N."""
+        keep = self.settings.batch_retention_rounds
+        if not keep or plan.attempt:
+            return
+        self._round_starts.append((plan.round, first_sequence))
+        while len(self._round_starts) > keep:
+            self._round_starts.popleft()
+        if len(self._round_starts) == keep:
+            await self.bus.purge_before("batches", self._round_starts[0][1])

@@ -85,6 +85,7 @@ class Worker:
         finally:
             heartbeat.cancel()
             await self._leave()
+            await self.params_in.close()
         log.info("worker %s done: %d shards", self.id, self.shards_done)
 
     async def _loop(self) -> None:
@@ -103,14 +104,21 @@ class Worker:
                 await delivery.ack()
                 continue
             await self._read_params(until=batch.round)
+            if self.stopping and self.version < batch.round:
+                await self.batches.close()  # hands the batch back: the orchestrator re-issues it
+                return
             if self.version == batch.round:
-                await self._compute_and_publish(batch)
+                await self._compute_and_publish(batch, delivery)
             else:
                 log.info("batch of round %d dropped: parameters are already at version %d", batch.round, self.version)
             await delivery.ack()
 
-    async def _compute_and_publish(self, batch: Batch) -> None:
-        flat, loss = await asyncio.to_thread(self._gradient, batch)
+    async def _compute_and_publish(self, batch: Batch, delivery) -> None:
+        keepalive = asyncio.create_task(self._keep_in_progress(delivery))
+        try:
+            flat, loss = await asyncio.to_thread(self._gradient, batch)
+        finally:
+            keepalive.cancel()
         subject = subjects.grads(self.job)
 
         def items():
@@ -123,6 +131,13 @@ class Worker:
 
         await self.bus.publish(items())
         self.shards_done += 1
+
+    @staticmethod
+    async def _keep_in_progress(delivery, period: float = 10.0) -> None:
+        """A long computation must not let the batch's ack wait expire (it would be redelivered)."""
+        while True:
+            await asyncio.sleep(period)
+            await delivery.in_progress()
 
     def _gradient(self, batch: Batch) -> tuple[np.ndarray, float]:
         if self.settings.test_delay:
@@ -137,14 +152,18 @@ class Worker:
     # ------------------------------------------------------------------ parameters
 
     async def _params_consumer(self) -> Puller:
-        """Read parameters from the first chunk of the latest stored version (all if none yet)."""
+        """Read parameters from two versions' worth of chunks before the last stored one.
+
+        A retried publish can store a version's chunks out of order, but never a chunk of
+        version v after version v+1 began; so two versions back covers the latest whole one.
+        """
         subject = subjects.params(self.job)
         last = await self.bus.last_sequence_and_payload("params", subject)
         start = None
         if last is not None:
             seq, raw = last
             try:
-                start = max(1, seq - codec.decode(raw, Params).chunk.index)
+                start = max(1, seq - 2 * codec.decode(raw, Params).chunk.count + 1)
             except codec.CodecError:
                 start = None
         return await self.bus.pull("params", subject, durable=None, start_sequence=start, batch=256)
@@ -153,6 +172,8 @@ class Worker:
         """Apply parameter versions as they complete; with `until`, wait until version >= until."""
         waited = time.monotonic()
         while until is None or self.version < until:
+            if self.stopping and until is not None:
+                return
             delivery = await self.params_in.next(timeout=timeout)
             if delivery is None:
                 if until is None:
