@@ -182,3 +182,43 @@ def test_killed_worker_is_restarted_and_the_run_stays_exact(nats_url, job, tmp_p
     assert proc.returncode == 0, stderr[-3000:]
     assert "worker-1 killed by SIGKILL: restarting it" in stderr
     assert_exact(out, reference(tmp_path / "ref", epochs=3, batch_size=32, seed=5))
+
+
+def test_batches_larger_than_max_payload_travel_in_frames(nats_url, job, tmp_path):
+    """An .npz of 64x64x3 images: each worker's shard is ~3 MB, over the server's 1 MB max payload."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 64, 64, 3)).astype(np.float32)
+
+    def make(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 4, n)
+        return (centers[y] + rng.normal(scale=2.0, size=(n, 64, 64, 3))).astype(np.float32), y
+
+    x_train, y_train = make(192)
+    x_test, y_test = make(64)
+    data = tmp_path / "images.npz"
+    np.savez(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    out = tmp_path / "run"
+    result = run_pangea(
+        "run", "--workers", "2", "--dataset", str(data), "--hidden", "32", "--epochs", "2", "--batch-size", "128",
+        "--lr", "0.01", "--job", job, "--out", str(out), env=role_env(nats_url),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_exact(out, reference(tmp_path / "ref", dataset=str(data), hidden="32", epochs=2, batch_size=128, lr=0.01))
+
+
+def test_sigterm_stops_every_role(nats_url, job, tmp_path):
+    """`kill <pangea run>` (or docker stop) stops the roles too, as Ctrl+C does."""
+    out = tmp_path / "run"
+    proc = _start_run(out, job, nats_url, "--workers", "2", "--epochs", "200")
+    try:
+        _wait_for_log(out / "logs" / "orchestrator.log", "starting with")
+        pids = json.loads((out / "pids.json").read_text())
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    for name, pid in pids.items():
+        alive = Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+        assert not alive, f"{name} still running"
