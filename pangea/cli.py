@@ -20,6 +20,7 @@ from pangea.data import DataError
 from pangea.models import ModelError
 
 USER_ERRORS = (cfg.SettingsError, DataError, ModelError, BusError, ServerError)
+EXIT_USER_ERROR = 2  # a mistake a restart cannot fix: supervisors do not restart on it
 EXAMPLES = {
     "run": "examples:\n  pangea run\n  pangea run --workers 4 --epochs 20 --out runs/digits4\n"
     "  PANGEA_NATS_URL=nats://127.0.0.1:4222 pangea run --job exp1 --optimizer adam --lr 0.001",
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except USER_ERRORS as exc:
         print(f"pangea {args.command}: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, cfg.SettingsError) else 1
+        return EXIT_USER_ERROR
     except BrokenPipeError:  # e.g. `pangea status --json | head`
         sys.stderr.close()
         return 0

@@ -178,6 +178,8 @@ def peek_kind(payload: bytes | memoryview) -> str:
 
 
 def _reader(payload, struct_name: str):
+    if isinstance(payload, (memoryview, bytearray)) and np.frombuffer(payload, np.uint8).ctypes.data % 8:
+        payload = bytes(payload)  # capnp refuses unaligned buffers; `bytes` data is aligned
     limit = 2 * (len(payload) // 8) + 1024
     return getattr(schema(), struct_name).from_bytes(payload, traversal_limit_in_words=limit, nesting_limit=_NESTING_LIMIT)
 

@@ -112,6 +112,7 @@ class Batch:
     stop: int
     x: Tensor
     y: Tensor
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class Gradient:
     params_version: int
     chunk: Chunk
     values: Tensor
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ class Params:
     layout_hash: str
     chunk: Chunk
     values: Tensor
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ class RoundPlan:
     final: bool = False
     attempt: int = 0
     reissue: tuple[int, ...] = ()
+    generation: int = 0
 
 
 @dataclass(frozen=True)

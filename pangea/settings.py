@@ -97,6 +97,8 @@ class OrchestratorSettings(BusSettings, TrainSettings):
     source_job: str | None = Field(
         None, pattern=NAME_PATTERN, description="replay: train on this job's stored batches (set by pangea replay)"
     )
+    resume: bool = Field(False, description="continue an existing job from its last checkpoint on the bus")
+    checkpoint_every: int = Field(10, ge=0, description="store a checkpoint every N rounds (0: only at the end)")
 
 
 class PreprocessorSettings(BusSettings):

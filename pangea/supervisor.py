@@ -27,12 +27,12 @@ from pangea import codec
 from pangea.bus import subjects
 from pangea.bus.client import Bus, BusError
 from pangea.bus.server import EmbeddedServer
+from pangea.cli import EXIT_USER_ERROR
 from pangea.messages import JobSpec, RoundDone
 from pangea.settings import ReplaySettings, RunSettings
 
 log = logging.getLogger(__name__)
 _GRACE_SECONDS = 30.0
-RESTARTABLE = {"worker", "preprocessor"}  # the orchestrator's state is not on the bus yet
 MAX_RESTARTS = 5
 
 
@@ -201,14 +201,11 @@ class Supervisor:
                     progress.update(task, total=done.total_rounds, completed=done.round + 1, **fields)
 
                 await bus.subscribe_events(subjects.rounds(self.job), on_round)
-                while orchestrator.proc.poll() is None:
-                    self._check_alive(exclude=orchestrator)
+                while orchestrator.proc.poll() != 0:
+                    self._check_alive()
                     await asyncio.sleep(0.2)
         finally:
             await bus.close()
-        if orchestrator.proc.returncode != 0:
-            self._report(orchestrator)
-            return 1
         await self._wait_for_others()
         self.console.print(self._summary())
         return 0
@@ -220,13 +217,18 @@ class Supervisor:
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
         )
 
-    def _check_alive(self, exclude: Child) -> None:
-        """Restart a dead worker or preprocessor (their state is on the bus); give up after a few tries."""
+    def _check_alive(self) -> None:
+        """Restart a role that died (its state is on the bus); give up after a few tries.
+
+        A restarted orchestrator resumes from the job's last checkpoint.
+        """
         for child in self.children:
-            if child is exclude or child.proc.poll() is None or child.proc.returncode == 0:
+            if child.proc.poll() is None or child.proc.returncode == 0:
                 continue
-            if child.role in RESTARTABLE and child.restarts < MAX_RESTARTS:
+            if child.proc.returncode != EXIT_USER_ERROR and child.restarts < MAX_RESTARTS:
                 self.console.print(f"[yellow]role {child.name} {child.how_it_ended()}: restarting it[/]")
+                if child.role == "orchestrator":
+                    child.env = {**child.env, "PANGEA_RESUME": "true"}
                 self.restart(child)
                 continue
             self._report(child)

@@ -66,6 +66,7 @@ struct Batch {
   stop @7 :UInt32;
   x @8 :Tensor;
   y @9 :Tensor;
+  generation @10 :UInt32;  # of the orchestrator that planned it (see RoundPlan)
 }
 
 # A worker's gradient of the mean loss on one shard, one chunk at a time.
@@ -78,6 +79,7 @@ struct Gradient {
   paramsVersion @5 :UInt64;
   chunk @6 :Chunk;
   values @7 :Tensor;
+  generation @8 :UInt32;  # of the parameters it was computed on
 }
 
 # Parameters after `version` optimizer steps, one chunk at a time.
@@ -88,6 +90,7 @@ struct Params {
   layoutHash @3 :Text;
   chunk @4 :Chunk;
   values @5 :Tensor;
+  generation @6 :UInt32;  # (generation, version) orders parameters across orchestrator restarts
 }
 
 struct Shard {
@@ -107,6 +110,7 @@ struct RoundPlan {
   final @6 :Bool;         # no more rounds: the preprocessor may stop
   attempt @7 :UInt32;     # 0 for the first plan of a round, +1 for every re-issue
   reissue @8 :List(UInt32);  # attempt > 0: the shards to publish again (to their new worker)
+  generation @9 :UInt32;  # +1 each time an orchestrator (re)starts the job: later plans win
 }
 
 struct Heartbeat {

@@ -111,7 +111,7 @@ def test_replay_reproduces_the_run(nats_url, job, tmp_path):
 
 def test_replay_of_an_unknown_job_is_one_line(nats_url, tmp_path):
     result = run_pangea("replay", "--job", "no-such-job", env=role_env(nats_url), cwd=tmp_path)
-    assert result.returncode == 1 and "no job 'no-such-job'" in result.stderr
+    assert result.returncode == 2 and "no job 'no-such-job'" in result.stderr
     assert "Traceback" not in result.stderr
 
 

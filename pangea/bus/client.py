@@ -270,6 +270,31 @@ class Bus:
                 await self.js.delete_key_value(bucket)
             except nats.js.errors.NotFoundError:
                 pass
+        try:
+            await self.js.delete_object_store(subjects.checkpoint_bucket(self.job))
+        except nats.js.errors.NotFoundError:
+            pass
+
+    async def put_object(self, bucket: str, name: str, data: bytes) -> None:
+        """Store a blob in an Object Store bucket (created if needed), replacing the old one."""
+        store = await self._object_store(bucket)
+        await store.put(name, data)
+
+    async def get_object(self, bucket: str, name: str) -> bytes | None:
+        """A blob from an Object Store bucket, or None if there is none."""
+        try:
+            store = await self.js.object_store(bucket)
+            result = await store.get(name)
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
+            return None
+        return result.data
+
+    async def _object_store(self, bucket: str):
+        try:
+            return await self.js.object_store(bucket)
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+            storage = api.StorageType.FILE if self.settings.storage == "file" else api.StorageType.MEMORY
+            return await self.js.create_object_store(bucket, config=api.ObjectStoreConfig(bucket=bucket, storage=storage))
 
     async def kv(self, bucket: str, ttl: float | None = None):
         """Open a KV bucket, creating it if needed."""

@@ -44,5 +44,9 @@ def job_bucket(job: str) -> str:
     return f"pangea_{job}_job"
 
 
+def checkpoint_bucket(job: str) -> str:
+    return f"pangea_{job}_checkpoint"
+
+
 def worker_consumer(worker: str) -> str:
     return f"worker-{worker}"

@@ -14,12 +14,13 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from pangea import codec
 from pangea.aggregate import Rejected, RoundAccumulator, split_batch
 from pangea.bus import subjects
 from pangea.bus.client import Bus, BusError, Delivery
+from pangea.checkpoint import Checkpoint
 from pangea.chunking import split
 from pangea.data import load_dataset, position, steps_per_epoch
 from pangea.layout import Layout
@@ -54,15 +55,18 @@ class Orchestrator:
         self.known_members: list[str] = []
         self.assigned: dict[int, set[str]] = {}  # shard -> every worker it was given this round
         self._late: set[tuple[int, int]] = set()  # (round, shard) re-issued or dropped: late copies expected
+        self.generation = 0
+        self.start_round = 0
 
     # ------------------------------------------------------------------ setup
 
     async def start(self) -> None:
-        """Create the job on the bus: streams, buckets and the job spec."""
-        if await self.bus.job_exists():
+        """Create the job on the bus (streams, buckets, spec), or take it over from its checkpoint."""
+        exists = await self.bus.job_exists()
+        if exists and not self.settings.resume:
             raise BusError(
-                f"job {self.job!r} already has rounds on this server: choose another --job "
-                f"or remove it with `pangea delete --job {self.job}`"
+                f"job {self.job!r} already has rounds on this server: continue it with --resume, choose "
+                f"another --job, or remove it with `pangea delete --job {self.job}`"
             )
         await self.bus.ensure_job_streams(self.layout.numel * 4)
         await self.bus.kv(subjects.members_bucket(self.job), ttl=self.settings.member_ttl)
@@ -87,8 +91,15 @@ class Orchestrator:
             source_job=self.settings.source_job or "",
         )
         kv = await self.bus.kv(subjects.job_bucket(self.job))
-        await kv.put("spec", codec.encode(spec))
         self._job_kv = kv
+        # Each orchestrator that runs the job is a new generation: its plans and parameters
+        # supersede those of a predecessor, even for a round number it already reached.
+        previous = await self.bus.kv_get(subjects.job_bucket(self.job), "generation")
+        self.generation = int(previous) + 1 if previous else 0
+        await kv.put("generation", str(self.generation).encode())
+        await kv.put("spec", codec.encode(spec))
+        if exists:
+            await self.restore()
         self._grads = await self.bus.pull("grads", subjects.grads(self.job), durable="orchestrator", batch=256)
         log.info(
             "job %s: %s on %s, %d parameters, %d rounds of %d samples",
@@ -122,22 +133,53 @@ class Orchestrator:
                 announced = time.monotonic()
             await asyncio.sleep(0.1)
 
+    async def restore(self) -> None:
+        """Take over from the last checkpoint (or from round 0 if there is none)."""
+        raw = await self.bus.get_object(subjects.checkpoint_bucket(self.job), "latest")
+        if raw is None:
+            self._event(0, "resume", f"generation {self.generation}: no checkpoint, starting again from round 0")
+            return
+        ckpt = Checkpoint.from_bytes(raw)
+        if ckpt.layout_hash != self.layout.hash:
+            raise BusError(f"the checkpoint of job {self.job!r} is for another model layout")
+        self.layout.load_params(self.model, ckpt.params)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.metrics = Metrics(**ckpt.metrics)
+        self.rejected.update(self.metrics.rejected)
+        self.start_round = ckpt.round
+        self._event(ckpt.round, "resume", f"generation {self.generation}: resumed from the checkpoint of round {ckpt.round}")
+
+    async def checkpoint(self, rounds_done: int) -> None:
+        """Store parameters, optimizer state, round and metrics in the job's Object Store bucket."""
+        self.metrics.rejected = dict(self.rejected)
+        ckpt = Checkpoint(
+            rounds_done, self.layout.flatten_params(self.model), self.optimizer.state_dict(),
+            asdict(self.metrics), self.layout.hash,
+        )
+        await self.bus.put_object(subjects.checkpoint_bucket(self.job), "latest", ckpt.to_bytes())
+
     # ------------------------------------------------------------------ the loop
 
     async def run(self) -> Metrics:
         await self.start()
-        members = await self.wait_for_members(self.settings.workers)
-        log.info("starting with %d workers: %s", len(members), ", ".join(members))
+        first = self.start_round
+        members = await self.wait_for_members(self.settings.workers if first == 0 else 1)
+        log.info("starting at round %d with %d workers: %s", first, len(members), ", ".join(members))
         self.known_members = members
-        started = time.perf_counter()
-        await self.publish_params(0, final=self.total_rounds == 0)
-        for r in range(self.total_rounds):
+        started = time.perf_counter() - self.metrics.total_seconds
+        await self.publish_params(first)
+        for r in range(first, self.total_rounds):
             await self.train_round(r)
-        await self.publish_plan(RoundPlan(self.job, SENDER, self.total_rounds, 0, 0, 0, (), final=True))
         self.metrics.total_seconds = time.perf_counter() - started
         self.metrics.final_test_accuracy = self.metrics.test_accuracy[-1] if self.metrics.test_accuracy else float("nan")
         self.metrics.rejected = dict(self.rejected)
+        await self.checkpoint(self.total_rounds)
         write_outputs(self.settings.out, self.layout, self.layout.flatten_params(self.model), self.metrics)
+        # Only now tell the other roles the job is over: had we died before, a successor
+        # would still need them.
+        await self._job_kv.put("finished", str(self.total_rounds).encode())
+        await self.publish_plan(RoundPlan(self.job, SENDER, self.total_rounds, 0, 0, 0, (), final=True,
+                                          generation=self.generation))
         log.info("done: final test accuracy %.4f, outputs in %s", self.metrics.final_test_accuracy, self.settings.out)
         return self.metrics
 
@@ -147,7 +189,7 @@ class Orchestrator:
         rows = batch_rows(self.num_samples, self.settings.batch_size, step)
         members = await self.current_members(r)
         shards = tuple(Shard(w, a, b) for w, a, b in split_batch(rows, members))
-        plan = RoundPlan(self.job, SENDER, r, epoch, step, rows, shards)
+        plan = RoundPlan(self.job, SENDER, r, epoch, step, rows, shards, generation=self.generation)
         await self.publish_plan(plan)
 
         acc = RoundAccumulator(r, self.layout.numel, {i: s.size for i, s in enumerate(shards)})
@@ -165,7 +207,6 @@ class Orchestrator:
         seconds = time.perf_counter() - t0
         epoch_done = step == steps_per_epoch(self.num_samples, self.settings.batch_size) - 1
         accuracy = evaluate(self.model, self.dataset.x_test, self.dataset.y_test) if epoch_done else float("nan")
-        await self.publish_params(r + 1, final=r + 1 == self.total_rounds)
 
         self.metrics.loss.append(acc.loss())
         self.metrics.round_seconds.append(seconds)
@@ -173,6 +214,11 @@ class Orchestrator:
         self.metrics.workers.append(len(shards))
         if epoch_done:
             self.metrics.test_accuracy.append(accuracy)
+        every = self.settings.checkpoint_every
+        if every and (r + 1) % every == 0 and r + 1 < self.total_rounds:
+            await self.checkpoint(r + 1)
+        if r + 1 < self.total_rounds:
+            await self.publish_params(r + 1)
         done = RoundDone(
             self.job, SENDER, r, self.total_rounds, epoch, acc.loss(), seconds, acc.complete_samples(), accuracy,
             tuple(self.known_members), tuple(self.metrics.round_seconds[-20:]),
@@ -273,6 +319,8 @@ class Orchestrator:
     def _check(self, plan: RoundPlan, grad: Gradient) -> None:
         if grad.job != self.job:
             raise Rejected("wrong_job", f"gradient for job {grad.job!r}")
+        if grad.generation != self.generation:
+            raise Rejected("stale_generation", f"generation {grad.generation}, current {self.generation}")
         if grad.round < plan.round:
             if (grad.round, grad.shard) in self._late:
                 raise Rejected("straggler_late", f"round {grad.round} shard {grad.shard} was re-issued or dropped")
@@ -289,18 +337,19 @@ class Orchestrator:
     # ------------------------------------------------------------------ publishing
 
     async def publish_plan(self, plan: RoundPlan) -> None:
-        msg_id = f"plan:{plan.round}:{plan.attempt}"
+        msg_id = f"plan:{plan.generation}:{plan.round}:{plan.attempt}:{int(plan.final)}"
         await self.bus.publish([(subjects.plans(self.job), codec.encode(plan), msg_id)])
 
-    async def publish_params(self, version: int, final: bool) -> None:
+    async def publish_params(self, version: int, final: bool = False) -> None:
         """Broadcast the current parameters as `version`, chunked to fit the server."""
         flat = self.layout.flatten_params(self.model)
         subject = subjects.params(self.job)
 
         def items():
             for chunk, values in split(flat, self.bus.chunk_bytes):
-                msg = Params(self.job, SENDER, version, final, self.layout.hash, chunk, Tensor.from_numpy(values))
-                yield subject, codec.encode(msg), f"params:{version}:{chunk.index}"
+                msg = Params(self.job, SENDER, version, final, self.layout.hash, chunk, Tensor.from_numpy(values),
+                             self.generation)
+                yield subject, codec.encode(msg), f"params:{self.generation}:{version}:{chunk.index}"
 
         await self.bus.publish(items())
 

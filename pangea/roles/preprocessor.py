@@ -134,8 +134,9 @@ class Preprocessor:
             batch = Batch(
                 self.job, SENDER, plan.round, plan.epoch, plan.step, shard.worker, i, shard.start, shard.stop,
                 Tensor.from_numpy(x[shard.start : shard.stop], "x"), Tensor.from_numpy(y[shard.start : shard.stop], "y"),
+                plan.generation,
             )
-            msg_id = f"batch:{plan.round}:{i}:{plan.attempt}"
+            msg_id = f"batch:{plan.generation}:{plan.round}:{i}:{plan.attempt}"
             items.append((subjects.batches(self.job, shard.worker), codec.encode(batch), msg_id))
         if plan.attempt:
             log.info("round %d attempt %d: shards %s re-issued", plan.round, plan.attempt, list(plan.reissue))

@@ -4,6 +4,8 @@ Joining is subscribing: the worker creates its batch consumer, reads the latest
 parameters, then announces itself with a heartbeat; the orchestrator plans it in from the
 next round.  For each batch of round r it needs parameters version r exactly: an older
 version is waited for, a newer one means the round is over and the batch is dropped.
+Versions are compared as (generation, version): a restarted orchestrator starts a new
+generation, which may go back to the round of its checkpoint.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class Worker:
         self.device = pick_device(settings.device)
         self.shards_done = 0
         self.rejected = 0
-        self.version = -1  # parameter version loaded into the model
+        self.stamp = (-1, -1)  # (generation, version) of the parameters in the model
         self.final = False
         self.stopping = False
 
@@ -89,10 +91,14 @@ class Worker:
         log.info("worker %s done: %d shards", self.id, self.shards_done)
 
     async def _loop(self) -> None:
+        checked = 0.0
         while not self.final and not self.stopping:
             delivery = await self.batches.next(timeout=0.5)
             if delivery is None:
                 await self._read_params(until=None, timeout=0.05)
+                if time.monotonic() - checked > 1.0:  # idle: is the job over?
+                    checked = time.monotonic()
+                    self.final = await self.bus.kv_get(subjects.job_bucket(self.job), "finished") is not None
                 continue
             try:
                 batch = codec.decode(delivery.payload, Batch)
@@ -103,14 +109,15 @@ class Worker:
                 log.warning("rejected (malformed): batch: %s", exc)
                 await delivery.ack()
                 continue
-            await self._read_params(until=batch.round)
-            if self.stopping and self.version < batch.round:
+            need = (batch.generation, batch.round)
+            await self._read_params(until=need)
+            if self.stopping and self.stamp < need:
                 await self.batches.close()  # hands the batch back: the orchestrator re-issues it
                 return
-            if self.version == batch.round:
+            if self.stamp == need:
                 await self._compute_and_publish(batch, delivery)
             else:
-                log.info("batch of round %d dropped: parameters are already at version %d", batch.round, self.version)
+                log.info("batch of round %s dropped: parameters are already at %s", need, self.stamp)
             await delivery.ack()
 
     async def _compute_and_publish(self, batch: Batch, delivery) -> None:
@@ -125,9 +132,10 @@ class Worker:
             for chunk, values in split(flat, self.bus.chunk_bytes):
                 msg = Gradient(
                     self.job, self.id, batch.round, batch.shard, batch.stop - batch.start, loss,
-                    self.version, chunk, Tensor.from_numpy(values),
+                    self.stamp[1], chunk, Tensor.from_numpy(values), self.stamp[0],
                 )
-                yield subject, codec.encode(msg), f"grad:{batch.round}:{batch.shard}:{chunk.index}"
+                msg_id = f"grad:{batch.generation}:{batch.round}:{batch.shard}:{chunk.index}"
+                yield subject, codec.encode(msg), msg_id
 
         await self.bus.publish(items())
         self.shards_done += 1
@@ -168,10 +176,10 @@ class Worker:
                 start = None
         return await self.bus.pull("params", subject, durable=None, start_sequence=start, batch=256)
 
-    async def _read_params(self, until: int | None, timeout: float = 1.0) -> None:
-        """Apply parameter versions as they complete; with `until`, wait until version >= until."""
+    async def _read_params(self, until: tuple[int, int] | None, timeout: float = 1.0) -> None:
+        """Apply parameter versions as they complete; with `until`, wait until the stamp reaches it."""
         waited = time.monotonic()
-        while until is None or self.version < until:
+        while until is None or self.stamp < until:
             if self.stopping and until is not None:
                 return
             delivery = await self.params_in.next(timeout=timeout)
@@ -179,22 +187,23 @@ class Worker:
                 if until is None:
                     return
                 if time.monotonic() - waited > 30:
-                    log.info("still waiting for parameters version %d (have %d)", until, self.version)
+                    log.info("still waiting for parameters %s (have %s)", until, self.stamp)
                     waited = time.monotonic()
                 continue
             try:
                 params = codec.decode(delivery.payload, Params)
                 if params.layout_hash != self.layout.hash:
                     raise codec.CodecError("parameters of another model layout")
-                if params.version > self.version:
-                    self.params.add(params.version, params.chunk, params.values.numpy())
+                stamp = (params.generation, params.version)
+                if stamp > self.stamp:
+                    self.params.add(stamp, params.chunk, params.values.numpy())
             except (codec.CodecError, ValueError) as exc:
                 self.rejected += 1
                 log.warning("rejected (malformed): params: %s", exc)
             else:
-                if self.params.complete and self.params.version > self.version:
+                if self.params.complete and self.params.version > self.stamp:
                     self.layout.load_params(self.model, self.params.buffer)
-                    self.version = self.params.version
+                    self.stamp = self.params.version
                     self.final = params.final
             await delivery.ack()
             if self.final:
@@ -207,7 +216,7 @@ class Worker:
         while True:
             beat = Heartbeat(
                 self.job, self.id, self.id, socket.gethostname(), os.getpid(), time.time(),
-                self.shards_done, max(self.version, 0),
+                self.shards_done, max(self.stamp[1], 0),
             )
             try:
                 await kv.put(self.id, codec.encode(beat))
