@@ -31,6 +31,8 @@ EXAMPLES = {
     "delete": "example:\n  pangea delete --nats-url nats://127.0.0.1:4222 --job exp1",
     "replay": "examples:\n  pangea replay --nats-url nats://127.0.0.1:4222 --job exp1 --workers 3 --out runs/exp1-replay\n"
     "  pangea run --store-dir runs/store --job exp2 && pangea replay --store-dir runs/store --job exp2",
+    "checkpoint": "example:\n  pangea checkpoint export --nats-url nats://127.0.0.1:4222 --job exp1 --out exp1.pt\n"
+    "  python -c \"import torch; sd = torch.load('exp1.pt'); print(list(sd))\"",
     "status": "examples:\n  pangea status --nats-url nats://127.0.0.1:4222 --job exp1\n"
     "  pangea status --job exp1 --json   # for scripts and autoscalers",
 }
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="auto, cpu or cuda for the workers")
     run.add_argument("--out", help="output directory (default runs/<job>)")
     run.add_argument("--store-dir", help="JetStream store of the embedded server (default: temporary)")
+    run.add_argument("--resume", help="true: continue an existing job from its last checkpoint")
     run.add_argument("--policy", help="exact (re-issue slow shards) or quorum (close rounds without them)")
     run.add_argument("--straggler-deadline", help="seconds a round waits for a shard (0: adaptive)")
     _bus_flags(run, "job name (default: generated)")
@@ -90,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_flags(orch)
     orch.add_argument("--workers", help="workers that must be present before round 0")
     orch.add_argument("--out", help="output directory")
+    orch.add_argument("--resume", help="true: continue an existing job from its last checkpoint")
     orch.add_argument("--policy", help="exact (re-issue slow shards) or quorum (close rounds without them)")
     orch.add_argument("--straggler-deadline", help="seconds a round waits for a shard (0: adaptive)")
     _bus_flags(orch)
@@ -115,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = command("status", "members, backlog, progress and round times of a job")
     status.add_argument("--json", action="store_true", default=None, help="print JSON instead of a table")
     _bus_flags(status)
+
+    ckpt = command("checkpoint", "export a job's last checkpoint as a plain torch state_dict")
+    ckpt.add_argument("action", choices=["export"], help="export: write the state_dict file")
+    ckpt.add_argument("--out", required=True, help="the .pt file to write")
+    _bus_flags(ckpt)
 
     delete = command("delete", "remove a job's streams and buckets from the server")
     _bus_flags(delete)
@@ -232,6 +241,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         return Supervisor(run, replay=replay).run()
     if args.command == "status":
         return _status(cfg.load(cfg.BusSettings, **{k: v for k, v in over.items() if k != "json"}), bool(args.json))
+    if args.command == "checkpoint":
+        from pathlib import Path
+
+        from pangea.export import export_checkpoint
+
+        settings = cfg.load(cfg.BusSettings, **{k: v for k, v in over.items() if k not in ("action", "out")})
+
+        async def export() -> None:
+            bus = await Bus.connect(settings, "export")
+            try:
+                rounds = await export_checkpoint(bus, Path(args.out))
+            finally:
+                await bus.close()
+            print(f"wrote {args.out}: job {settings.job} after {rounds} rounds (load with model.load_state_dict)")
+
+        return _run_async(export)
     if args.command == "delete":
         settings = cfg.load(cfg.BusSettings, **over)
 

@@ -50,13 +50,21 @@ class Delivery:
         return self._msgs[-1].metadata.sequence.stream
 
     async def ack(self) -> None:
-        for msg in self._msgs:
-            await msg.ack()
+        """Acknowledge; if the connection is down the ack is lost and the message comes back,
+        which every role handles as a duplicate."""
+        try:
+            for msg in self._msgs:
+                await msg.ack()
+        except nats.errors.Error as exc:
+            log.debug("ack lost: %r", exc)
 
     async def in_progress(self) -> None:
         """Tell the server the message is still being worked on (resets its ack wait)."""
-        for msg in self._msgs:
-            await msg.in_progress()
+        try:
+            for msg in self._msgs:
+                await msg.in_progress()
+        except nats.errors.Error as exc:
+            log.debug("in-progress lost: %r", exc)
 
 
 class Puller:
@@ -100,6 +108,10 @@ class Puller:
             try:
                 self._buffer.extend(await self._sub.fetch(self._batch, timeout=timeout))
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                return None
+            except nats.errors.Error as exc:  # disconnected: the server restarts, we reconnect
+                log.debug("fetch on %s failed: %r", self._describe, exc)
+                await asyncio.sleep(min(timeout, 0.5))
                 return None
         return self._buffer.popleft() if self._buffer else None
 
@@ -275,19 +287,42 @@ class Bus:
         except nats.js.errors.NotFoundError:
             pass
 
+    async def _retrying(self, what: str, operation):
+        """Run `operation()` again while the connection is down (server restart), within the budget."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + _RETRY_BUDGET
+        delay = 0.1
+        while True:
+            try:
+                return await operation()
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                if self.closing or loop.time() + delay > give_up_at:
+                    raise BusError(f"{what} failed: {exc!r}") from None
+                log.debug("%s: %r; retrying", what, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     async def put_object(self, bucket: str, name: str, data: bytes) -> None:
         """Store a blob in an Object Store bucket (created if needed), replacing the old one."""
-        store = await self._object_store(bucket)
-        await store.put(name, data)
+
+        async def put() -> None:
+            store = await self._object_store(bucket)
+            await store.put(name, data)
+
+        await self._retrying(f"storing {bucket}/{name}", put)
 
     async def get_object(self, bucket: str, name: str) -> bytes | None:
         """A blob from an Object Store bucket, or None if there is none."""
-        try:
-            store = await self.js.object_store(bucket)
-            result = await store.get(name)
-        except (nats.js.errors.BucketNotFoundError, nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
-            return None
-        return result.data
+
+        async def get() -> bytes | None:
+            try:
+                store = await self.js.object_store(bucket)
+                return (await store.get(name)).data
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.ObjectNotFoundError,
+                    nats.js.errors.NotFoundError):
+                return None
+
+        return await self._retrying(f"reading {bucket}/{name}", get)
 
     async def _object_store(self, bucket: str):
         try:
@@ -306,27 +341,44 @@ class Bus:
 
     async def kv_get(self, bucket: str, key: str) -> bytes | None:
         """A KV value, or None if the bucket or the key does not exist."""
-        try:
+
+        async def get() -> bytes | None:
+            try:
+                kv = await self.js.key_value(bucket)
+                return (await kv.get(key)).value
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError,
+                    nats.js.errors.NotFoundError):
+                return None
+
+        return await self._retrying(f"reading {bucket}/{key}", get)
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> None:
+        """Set a KV value (the bucket must exist)."""
+
+        async def put() -> None:
             kv = await self.js.key_value(bucket)
-            entry = await kv.get(key)
-        except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError, nats.js.errors.NotFoundError):
-            return None
-        return entry.value
+            await kv.put(key, value)
+
+        await self._retrying(f"writing {bucket}/{key}", put)
 
     async def kv_items(self, bucket: str) -> dict[str, bytes]:
         """All live keys of a bucket and their values."""
-        try:
-            kv = await self.js.key_value(bucket)
-            keys = await kv.keys()
-        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError, nats.js.errors.NotFoundError):
-            return {}
-        items = {}
-        for key in keys:
+
+        async def items() -> dict[str, bytes]:
             try:
-                items[key] = (await kv.get(key)).value
-            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                continue
-        return items
+                kv = await self.js.key_value(bucket)
+                keys = await kv.keys()
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError, nats.js.errors.NotFoundError):
+                return {}
+            found = {}
+            for key in keys:
+                try:
+                    found[key] = (await kv.get(key)).value
+                except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                    continue
+            return found
+
+        return await self._retrying(f"listing {bucket}", items)
 
     # ------------------------------------------------------------ consuming
 
@@ -431,7 +483,10 @@ class Bus:
 
     async def publish_event(self, subject: str, payload: bytes) -> None:
         """Fire-and-forget core NATS message (progress events; losing one is harmless)."""
-        await self.nc.publish(subject, payload)
+        try:
+            await self.nc.publish(subject, payload)
+        except nats.errors.Error as exc:
+            log.debug("event on %s lost: %r", subject, exc)
 
     async def subscribe_events(self, subject: str, callback) -> None:
         async def handler(msg) -> None:

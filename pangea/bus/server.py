@@ -104,6 +104,10 @@ class EmbeddedServer:
             self._proc.kill()
             self._proc.wait()
 
+    def restart(self) -> None:
+        """Start again on the same port and store after `kill()`."""
+        self.start()
+
     def __enter__(self) -> EmbeddedServer:
         return self.start()
 

@@ -163,21 +163,24 @@ class Orchestrator:
     async def run(self) -> Metrics:
         await self.start()
         first = self.start_round
-        members = await self.wait_for_members(self.settings.workers if first == 0 else 1)
-        log.info("starting at round %d with %d workers: %s", first, len(members), ", ".join(members))
-        self.known_members = members
         started = time.perf_counter() - self.metrics.total_seconds
-        await self.publish_params(first)
-        for r in range(first, self.total_rounds):
-            await self.train_round(r)
-        self.metrics.total_seconds = time.perf_counter() - started
+        if first < self.total_rounds:
+            members = await self.wait_for_members(self.settings.workers if first == 0 else 1)
+            log.info("starting at round %d with %d workers: %s", first, len(members), ", ".join(members))
+            self.known_members = members
+            await self.publish_params(first)
+            for r in range(first, self.total_rounds):
+                await self.train_round(r)
+            self.metrics.total_seconds = time.perf_counter() - started
+        else:
+            log.info("job %s had already finished all %d rounds", self.job, self.total_rounds)
         self.metrics.final_test_accuracy = self.metrics.test_accuracy[-1] if self.metrics.test_accuracy else float("nan")
         self.metrics.rejected = dict(self.rejected)
         await self.checkpoint(self.total_rounds)
         write_outputs(self.settings.out, self.layout, self.layout.flatten_params(self.model), self.metrics)
         # Only now tell the other roles the job is over: had we died before, a successor
         # would still need them.
-        await self._job_kv.put("finished", str(self.total_rounds).encode())
+        await self.bus.kv_put(subjects.job_bucket(self.job), "finished", str(self.total_rounds).encode())
         await self.publish_plan(RoundPlan(self.job, SENDER, self.total_rounds, 0, 0, 0, (), final=True,
                                           generation=self.generation))
         log.info("done: final test accuracy %.4f, outputs in %s", self.metrics.final_test_accuracy, self.settings.out)
@@ -225,7 +228,7 @@ class Orchestrator:
         )
         payload = codec.encode(done)
         await self.bus.publish_event(subjects.rounds(self.job), payload)
-        await self._job_kv.put("round", payload)
+        await self.bus.kv_put(subjects.job_bucket(self.job), "round", payload)
         if epoch_done:
             log.info("epoch %d done (round %d/%d): loss %.4f, test accuracy %.4f",
                      epoch + 1, r + 1, self.total_rounds, acc.loss(), accuracy)
