@@ -48,6 +48,14 @@ _HEADER_FIELDS = ("job", "sender")
 class CodecError(ValueError):
     """Bytes that are not a valid Pangea message of the expected kind."""
 
+    reason = "malformed"
+
+
+class WrongKind(CodecError):
+    """A well-formed Pangea message, but not of the kind expected here."""
+
+    reason = "wrong_type"
+
 
 def schema_path() -> Path:
     """Path of `tensor.capnp`: installed package data, or the repository's `schemas/`."""
@@ -147,7 +155,7 @@ def decode(payload: bytes | memoryview, expected: type | None = None) -> m.Messa
     if cls is None:
         raise CodecError(f"unknown message kind {kind!r}")
     if expected is not None and cls is not expected:
-        raise CodecError(f"expected {expected.__name__}, got {cls.__name__}")
+        raise WrongKind(f"expected {expected.__name__}, got {cls.__name__}")
     try:
         with _reader(payload, _STRUCTS[cls]) as reader:
             fields = {"job": reader.header.job, "sender": reader.header.sender}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SCHEMA_VERSION = 1
+GRADIENT_TENSOR = "grad"  # the name of a gradient chunk's tensor
 
 # dtype name -> (numpy dtype used to hold the raw bytes, itemsize).  numpy has no
 # bfloat16: its bytes are carried as uint16 and reinterpreted by torch.

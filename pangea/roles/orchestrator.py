@@ -24,7 +24,7 @@ from pangea.checkpoint import Checkpoint
 from pangea.chunking import split
 from pangea.data import load_dataset, position, steps_per_epoch
 from pangea.layout import Layout
-from pangea.messages import Gradient, Heartbeat, JobSpec, Params, RoundDone, RoundPlan, Shard, Tensor
+from pangea.messages import GRADIENT_TENSOR, Gradient, Heartbeat, JobSpec, Params, RoundDone, RoundPlan, Shard, Tensor
 from pangea.models import build_model
 from pangea.outputs import Metrics, write_outputs
 from pangea.planning import adaptive_deadline, pick_replacements
@@ -306,15 +306,20 @@ class Orchestrator:
         await self.publish_plan(replace(plan, shards=shards_now, attempt=self._attempt, reissue=tuple(sorted(choice))))
 
     def intake(self, plan: RoundPlan, acc: RoundAccumulator, delivery: Delivery) -> bool:
-        """Validate one gradient chunk and add it to the round; refusals are logged and counted."""
+        """Validate one gradient chunk and add it to the round; refusals are logged and counted.
+
+        Checked in order: size, wire format, kind, job, generation, sender, round, shard
+        ownership, parameter version, tensor name/dtype/shape, finiteness, duplicates.
+        """
+        if len(delivery.payload) > self.bus.max_payload:
+            return self._reject("oversized", f"{len(delivery.payload)} bytes on the gradient subject")
         try:
             grad = codec.decode(delivery.payload, Gradient)
         except codec.CodecError as exc:
-            return self._reject("malformed", str(exc))
+            return self._reject(exc.reason, str(exc))
         try:
             self._check(plan, grad)
-            values = grad.values.numpy()
-            acc.add(grad.shard, grad.num_samples, grad.loss, grad.chunk, values)
+            acc.add(grad.shard, grad.num_samples, grad.loss, grad.chunk, grad.values.numpy())
         except Rejected as exc:
             return self._reject(exc.reason, f"from {grad.sender!r}: {exc.detail}")
         return True
@@ -324,6 +329,8 @@ class Orchestrator:
             raise Rejected("wrong_job", f"gradient for job {grad.job!r}")
         if grad.generation != self.generation:
             raise Rejected("stale_generation", f"generation {grad.generation}, current {self.generation}")
+        if grad.sender not in self.known_members and not any(grad.sender in a for a in self.assigned.values()):
+            raise Rejected("unknown_sender", f"{grad.sender!r} is not a member of the job")
         if grad.round < plan.round:
             if (grad.round, grad.shard) in self._late:
                 raise Rejected("straggler_late", f"round {grad.round} shard {grad.shard} was re-issued or dropped")
@@ -331,9 +338,11 @@ class Orchestrator:
         if grad.round > plan.round:
             raise Rejected("future_round", f"round {grad.round}, current {plan.round}")
         if grad.sender not in self.assigned.get(grad.shard, ()):
-            raise Rejected("unknown_sender", f"shard {grad.shard} of round {plan.round} is not theirs")
+            raise Rejected("not_their_shard", f"shard {grad.shard} of round {plan.round} is not theirs")
         if grad.params_version != plan.round:
             raise Rejected("stale_params", f"computed on version {grad.params_version}, need {plan.round}")
+        if grad.values.name != GRADIENT_TENSOR:
+            raise Rejected("wrong_name", f"tensor {grad.values.name!r}, expected {GRADIENT_TENSOR!r}")
         if grad.values.dtype != "float32":
             raise Rejected("wrong_dtype", f"{grad.values.dtype}, expected float32")
 

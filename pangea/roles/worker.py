@@ -25,7 +25,7 @@ from pangea.bus import subjects
 from pangea.bus.client import Bus, BusError, Puller
 from pangea.chunking import Assembler, split
 from pangea.layout import Layout
-from pangea.messages import Batch, Gradient, Heartbeat, Params, Tensor
+from pangea.messages import GRADIENT_TENSOR, Batch, Gradient, Heartbeat, Params, Tensor
 from pangea.models import build_model
 from pangea.roles.jobspec import wait_for_job_spec
 from pangea.settings import WorkerSettings
@@ -132,7 +132,7 @@ class Worker:
             for chunk, values in split(flat, self.bus.chunk_bytes):
                 msg = Gradient(
                     self.job, self.id, batch.round, batch.shard, batch.stop - batch.start, loss,
-                    self.stamp[1], chunk, Tensor.from_numpy(values), self.stamp[0],
+                    self.stamp[1], chunk, Tensor.from_numpy(values, GRADIENT_TENSOR), self.stamp[0],
                 )
                 msg_id = f"grad:{batch.generation}:{batch.round}:{batch.shard}:{chunk.index}"
                 yield subject, codec.encode(msg), msg_id
