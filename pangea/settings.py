@@ -40,6 +40,7 @@ class BusSettings(_Base):
     )
     publish_window: int = Field(64, ge=1, description="JetStream publishes in flight per process")
     storage: Literal["file", "memory"] = Field("file", description="JetStream storage for the job's streams")
+    replicas: int = Field(1, ge=1, le=5, description="JetStream replicas of the job's streams and buckets (clusters)")
     batch_retention_hours: float = Field(
         24.0, gt=0, description="how long stored batches stay replayable"
     )

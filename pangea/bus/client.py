@@ -31,6 +31,7 @@ _RETRY_BUDGET = 300.0  # seconds of retries before a publish fails; well inside 
 DUPLICATE_WINDOW = 600.0
 _ACK_WAIT = 30.0  # an unacknowledged delivery comes back after this long
 _PENDING_SIZE = 128 << 20  # client-side buffer while reconnecting
+_CONSUMER_CHECK_SECONDS = 10.0  # after this long without messages, check the consumer still exists
 
 
 class BusError(RuntimeError):
@@ -77,9 +78,14 @@ class Puller:
         self._buffer: deque = deque()
         self._frames = frames.Reassembler()
         self.refused = 0  # malformed or stray frames, acked and dropped
+        self._quiet_since = asyncio.get_event_loop().time()
 
     async def next(self, timeout: float) -> Delivery | None:
-        """The next message, or None if nothing complete arrived within `timeout` seconds."""
+        """The next message, or None if nothing complete arrived within `timeout` seconds.
+
+        Raises BusError if the consumer disappeared (the server answers pulls of a deleted
+        consumer with nothing at all, which would otherwise look like an idle stream).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -87,7 +93,9 @@ class Puller:
                 await self._refuse(stale, "incomplete message expired")
             msg = await self._pop(max(0.001, deadline - loop.time()))
             if msg is None:
+                await self._check_consumer(loop.time())
                 return None
+            self._quiet_since = loop.time()
             if not frames.is_frame(msg):
                 return Delivery(msg.data, msg.subject, [msg])
             try:
@@ -97,6 +105,17 @@ class Puller:
                 continue
             if done is not None:
                 return Delivery(done[0], msg.subject, done[1])
+
+    async def _check_consumer(self, now: float) -> None:
+        if now - self._quiet_since < _CONSUMER_CHECK_SECONDS:
+            return
+        self._quiet_since = now
+        try:
+            await self._sub.consumer_info()
+        except nats.js.errors.NotFoundError:
+            raise BusError(f"the consumer of {self._describe} is gone (job deleted, or its server lost)") from None
+        except (nats.errors.Error, asyncio.TimeoutError):
+            pass  # the server is unreachable: the connection recovers on its own
 
     async def _refuse(self, msg, why: str) -> None:
         self.refused += 1
@@ -226,10 +245,11 @@ class Bus:
                 max_age=self.settings.batch_retention_hours * 3600,
                 max_bytes=self.settings.batch_retention_bytes,
                 duplicate_window=DUPLICATE_WINDOW,
+                num_replicas=self.settings.replicas,
             ),
             api.StreamConfig(
                 name=subjects.stream(job, "plans"), subjects=[subjects.plans(job)], storage=storage,
-                duplicate_window=DUPLICATE_WINDOW,
+                duplicate_window=DUPLICATE_WINDOW, num_replicas=self.settings.replicas,
             ),
             api.StreamConfig(
                 name=subjects.stream(job, "grads"),
@@ -237,6 +257,7 @@ class Bus:
                 storage=storage,
                 retention=api.RetentionPolicy.WORK_QUEUE,
                 duplicate_window=DUPLICATE_WINDOW,
+                num_replicas=self.settings.replicas,
             ),
             api.StreamConfig(
                 name=subjects.stream(job, "params"),
@@ -244,6 +265,7 @@ class Bus:
                 storage=storage,
                 max_bytes=max(64 << 20, 4 * (params_bytes + (params_bytes // self.chunk_bytes + 1) * 512)),
                 duplicate_window=DUPLICATE_WINDOW,
+                num_replicas=self.settings.replicas,
             ),
         ]
         for config in configs:
@@ -329,7 +351,8 @@ class Bus:
             return await self.js.object_store(bucket)
         except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
             storage = api.StorageType.FILE if self.settings.storage == "file" else api.StorageType.MEMORY
-            return await self.js.create_object_store(bucket, config=api.ObjectStoreConfig(bucket=bucket, storage=storage))
+            return await self.js.create_object_store(bucket, config=api.ObjectStoreConfig(
+                bucket=bucket, storage=storage, replicas=self.settings.replicas))
 
     async def kv(self, bucket: str, ttl: float | None = None):
         """Open a KV bucket, creating it if needed."""
@@ -337,7 +360,8 @@ class Bus:
             return await self.js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
             storage = api.StorageType.FILE if self.settings.storage == "file" else api.StorageType.MEMORY
-            return await self.js.create_key_value(bucket=bucket, ttl=ttl, history=1, storage=storage)
+            return await self.js.create_key_value(
+                bucket=bucket, ttl=ttl, history=1, storage=storage, replicas=self.settings.replicas)
 
     async def kv_get(self, bucket: str, key: str) -> bytes | None:
         """A KV value, or None if the bucket or the key does not exist."""
@@ -420,6 +444,12 @@ class Bus:
         except nats.js.errors.NotFoundError:
             return None
         return msg.seq, msg.data
+
+    async def delete_consumer(self, what: str, durable: str, job: str | None = None) -> None:
+        try:
+            await self.js.delete_consumer(subjects.stream(job or self.job, what), durable)
+        except nats.js.errors.NotFoundError:
+            pass
 
     async def consumer_backlog(self, what: str, durable: str) -> tuple[int, int] | None:
         """(messages not yet delivered, delivered but unacknowledged) of a durable consumer."""

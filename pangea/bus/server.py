@@ -47,6 +47,9 @@ class EmbeddedServer:
         monitor_port: int | None = None,
         max_payload: int | None = None,
         log_file: Path | None = None,
+        name: str | None = None,
+        cluster_port: int | None = None,
+        routes: list[int] | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -55,6 +58,9 @@ class EmbeddedServer:
         self._tmp = None if store_dir else tempfile.TemporaryDirectory(prefix="pangea-nats-")
         self.store_dir = Path(store_dir or self._tmp.name)
         self.log_file = log_file
+        self.name = name
+        self.cluster_port = cluster_port
+        self.routes = routes or []
         self._proc: subprocess.Popen | None = None
 
     @property
@@ -69,6 +75,11 @@ class EmbeddedServer:
             lines.append(f"max_payload: {self.max_payload}")
         if self.monitor_port is not None:
             lines.append(f'http: "{self.host}:{self.monitor_port}"')
+        if self.name:
+            lines.append(f'server_name: "{self.name}"')
+        if self.cluster_port:
+            routes = ", ".join(f'"nats://{self.host}:{p}"' for p in self.routes)
+            lines.append(f'cluster {{ name: "pangea", listen: "{self.host}:{self.cluster_port}", routes: [{routes}] }}')
         config.write_text("\n".join(lines) + "\n")
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self._proc = subprocess.Popen([find_binary(), "-c", str(config)], stdout=out, stderr=out)

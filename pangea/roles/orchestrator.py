@@ -57,6 +57,8 @@ class Orchestrator:
         self._late: set[tuple[int, int]] = set()  # (round, shard) re-issued or dropped: late copies expected
         self.generation = 0
         self.start_round = 0
+        self._attempt = 0
+        self._clean_seconds: list[float] = []  # durations of rounds that needed no re-issue
 
     # ------------------------------------------------------------------ setup
 
@@ -213,6 +215,8 @@ class Orchestrator:
 
         self.metrics.loss.append(acc.loss())
         self.metrics.round_seconds.append(seconds)
+        if self._attempt == 0 and acc.complete:
+            self._clean_seconds.append(seconds)
         self.metrics.samples.append(acc.complete_samples())
         self.metrics.workers.append(len(shards))
         if epoch_done:
@@ -249,7 +253,9 @@ class Orchestrator:
         s = self.settings
         if s.straggler_deadline > 0:
             return s.straggler_deadline
-        return adaptive_deadline(self.metrics.round_seconds[-10:], s.deadline_factor, s.deadline_floor, s.deadline_cap)
+        # Only rounds that needed no re-issue: a round stretched by a deadline must not
+        # stretch the next deadline (that would grow without bound).
+        return adaptive_deadline(self._clean_seconds[-10:], s.deadline_factor, s.deadline_floor, s.deadline_cap)
 
     async def collect(self, plan: RoundPlan, acc: RoundAccumulator) -> None:
         """Pull gradient chunks until every shard is complete, re-issuing shards of lost or slow workers.

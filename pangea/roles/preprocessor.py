@@ -58,8 +58,11 @@ class StreamSource:
 
     async def global_batch(self, plan: RoundPlan) -> tuple[np.ndarray, np.ndarray]:
         if self.puller is None:
+            # From the start every time: a restarted preprocessor rebuilds the round it was on.
+            await self.bus.delete_consumer("batches", f"replay-{self.bus.job}", job=self.source)
             self.puller = await self.bus.pull(
-                "batches", subjects.batches(self.source), durable=None, job=self.source, batch=64
+                "batches", subjects.batches(self.source), durable=f"replay-{self.bus.job}", job=self.source,
+                batch=64, inactive_threshold=3600,
             )
             log.info("replaying the stored batches of job %s", self.source)
         r = plan.round

@@ -174,7 +174,12 @@ class Worker:
                 start = max(1, seq - 2 * codec.decode(raw, Params).chunk.count + 1)
             except codec.CodecError:
                 start = None
-        return await self.bus.pull("params", subject, durable=None, start_sequence=start, batch=256)
+        # Durable (so it is replicated with the stream and survives losing a cluster node),
+        # removed by the server once the worker is gone for a while.
+        return await self.bus.pull(
+            "params", subject, durable=f"params-{self.id}", start_sequence=start, batch=256,
+            inactive_threshold=self.settings.member_ttl * 360,
+        )
 
     async def _read_params(self, until: tuple[int, int] | None, timeout: float = 1.0) -> None:
         """Apply parameter versions as they complete; with `until`, wait until the stamp reaches it."""
