@@ -1,0 +1,67 @@
+"""Chaos: seeded trials, each killing a random role (worker, orchestrator, preprocessor or the
+nats-server) at a random round of a short run.  Every trial must end with parameters equal to
+the single-process reference.  Prints survived/total."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+
+from pangea.bus.server import EmbeddedServer
+from pangea.outputs import load_params, max_abs_diff
+from tests.cluster import Cluster
+from tests.conftest import pangea_cmd, role_env
+from tests.test_e2e import TOLERANCE, reference
+
+TRIALS = int(os.environ.get("PANGEA_CHAOS_TRIALS", "10"))
+VICTIMS = ["worker-0", "worker-1", "orchestrator", "preprocessor", "nats-server"]
+TRAIN = dict(epochs=2, batch_size=32, seed=21)
+
+
+def _trial(seed: int, tmp_path, ref) -> tuple[bool, str]:
+    rng = random.Random(seed)
+    victim, at_round = rng.choice(VICTIMS), rng.randint(3, 70)
+    server = EmbeddedServer(tmp_path / f"store{seed}", log_file=tmp_path / f"nats{seed}.log").start()
+    job, out = f"chaos-{seed}", tmp_path / f"run{seed}"
+    proc = subprocess.Popen(
+        pangea_cmd("run", "--job", job, "--workers", "2", "--epochs", "2", "--batch-size", "32", "--seed", "21",
+                   "--checkpoint-every", "5", "--out", str(out)),
+        env=role_env(server.url, member_ttl=3, heartbeat_seconds=0.5, test_delay=0.03),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        Cluster(server.url, job, tmp_path).wait_for_round(at_round)
+        if victim == "nats-server":
+            server.kill()
+            time.sleep(rng.uniform(0.2, 2.0))
+            server.restart()
+        else:
+            os.kill(json.loads((out / "pids.json").read_text())[victim], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=240)
+        if proc.returncode != 0:
+            return False, f"{victim}@{at_round}: exit {proc.returncode}: {stderr[-500:]}"
+        diff = max_abs_diff(load_params(out / "params.npz"), ref)
+        return diff <= TOLERANCE, f"{victim}@{at_round}: max |Δ| {diff:.2g}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.stop()
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(TRIALS * 300)
+def test_chaos_every_trial_ends_exact(tmp_path):
+    ref = reference(tmp_path / "ref", **TRAIN)
+    results = [_trial(seed, tmp_path, ref) for seed in range(TRIALS)]
+    survived = sum(ok for ok, _ in results)
+    for ok, detail in results:
+        print(("survived " if ok else "FAILED   ") + detail)
+    print(f"chaos: {survived}/{TRIALS} survived")
+    assert survived == TRIALS, [d for ok, d in results if not ok]
