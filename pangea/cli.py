@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--replay-job", help="name of the replay job (default <job>-replay-<time>)")
     replay.add_argument("--store-dir", help="without --nats-url: the embedded server's store holding the job")
     replay.add_argument("--device", help="auto, cpu or cuda for the workers")
+    replay.add_argument("--from-round", help="start at the job's checkpoint at or before this round (default 0)")
     _bus_flags(replay, "the job to replay")
 
     status = command("status", "members, backlog, progress and round times of a job")
@@ -238,7 +239,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         replay = cfg.load(cfg.ReplaySettings, **over)
         run = cfg.RunSettings(
             nats_url=replay.nats_url, job=replay.replay_job, out=replay.out, workers=replay.workers,
-            store_dir=replay.store_dir, device=replay.device,
+            store_dir=replay.store_dir, device=replay.device, from_round=replay.from_round,
         )
         return Supervisor(run, replay=replay).run()
     if args.command == "status":

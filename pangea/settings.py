@@ -100,6 +100,8 @@ class OrchestratorSettings(BusSettings, TrainSettings):
     )
     resume: bool = Field(False, description="continue an existing job from its last checkpoint on the bus")
     checkpoint_every: int = Field(10, ge=0, description="store a checkpoint every N rounds (0: only at the end)")
+    checkpoint_keep: int = Field(10, ge=1, description="per-round checkpoints kept for replays (the latest is always kept)")
+    from_round: int = Field(0, ge=0, description="replay: start at the source's checkpoint at or before this round")
 
 
 class PreprocessorSettings(BusSettings):
@@ -137,6 +139,7 @@ class ReplaySettings(BusSettings):
     replay_job: str | None = Field(None, pattern=NAME_PATTERN, description="name of the replay job (default: <job>-replay-<time>)")
     store_dir: Path | None = Field(None, description="without a URL: the embedded server's store holding the job")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for workers")
+    from_round: int = Field(0, ge=0, description="replay: start at the source's checkpoint at or before this round")
 
 
 class ReferenceSettings(TrainSettings):

@@ -154,10 +154,17 @@ class Supervisor:
         bus = await Bus.connect(replay.model_copy(update={"nats_url": url}), "replay")
         try:
             raw = await bus.kv_get(subjects.job_bucket(replay.job), "spec")
+            names = await bus.list_objects(subjects.checkpoint_bucket(replay.job)) if replay.from_round else []
         finally:
             await bus.close()
         if raw is None:
             raise BusError(f"no job {replay.job!r} on {url}")
+        stored = sorted(int(n.split("-")[1]) for n in names if n.startswith("round-"))
+        if replay.from_round and not any(k <= replay.from_round for k in stored):
+            raise BusError(
+                f"job {replay.job!r} has no checkpoint at or before round {replay.from_round} "
+                f"(it keeps rounds {stored or 'none'})"
+            )
         spec = codec.decode(raw, JobSpec)
         return self.settings.model_copy(update=dict(
             dataset=spec.dataset, model=spec.model, hidden=",".join(map(str, spec.hidden)), epochs=spec.epochs,

@@ -104,6 +104,17 @@ def test_replay_reproduces_the_run(nats_url, job, tmp_path):
         m = metrics(replay_out)
         assert m["settings"]["source_job"] == job and m["settings"]["optimizer"] == "adam"
         assert len(m["loss"]) == len(metrics(out)["loss"])
+    # From a later round: starts at the original's checkpoint of round 20 (one every 10 rounds).
+    late = tmp_path / "replay-late"
+    result = run_pangea("replay", "--job", job, "--from-round", "25", "--out", str(late), env=role_env(nats_url))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_exact(late, original)
+    m = metrics(late)
+    assert len(m["loss"]) == len(metrics(out)["loss"])
+    assert any(e["kind"] == "replay" and "round 20" in e["detail"] for e in m["events"]), m["events"]
+    too_early = run_pangea("replay", "--job", job, "--from-round", "5", "--out", str(tmp_path / "x"),
+                           env=role_env(nats_url))
+    assert too_early.returncode == 2 and "no checkpoint at or before round 5" in too_early.stderr
     same_k = load_params(tmp_path / "replay2" / "params.npz")
     bit_identical = all((same_k[k] == original[k]).all() for k in original)
     print(f"replay with the same K bit-identical: {bit_identical}")

@@ -346,6 +346,27 @@ class Bus:
 
         return await self._retrying(f"reading {bucket}/{name}", get)
 
+    async def list_objects(self, bucket: str) -> list[str]:
+        """Names of the live objects in a bucket (empty if there is no such bucket)."""
+
+        async def names() -> list[str]:
+            try:
+                store = await self.js.object_store(bucket)
+                return [info.name for info in await store.list(ignore_deletes=True)]
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+                return []
+
+        return await self._retrying(f"listing {bucket}", names)
+
+    async def delete_object(self, bucket: str, name: str) -> None:
+        async def delete() -> None:
+            try:
+                await (await self.js.object_store(bucket)).delete(name)
+            except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
+                pass
+
+        await self._retrying(f"deleting {bucket}/{name}", delete)
+
     async def _object_store(self, bucket: str):
         try:
             return await self.js.object_store(bucket)

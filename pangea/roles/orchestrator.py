@@ -33,6 +33,7 @@ from pangea.training import batch_rows, evaluate, make_optimizer, total_rounds
 
 log = logging.getLogger(__name__)
 SENDER = "orchestrator"
+LATEST = "latest"  # the checkpoint a restarted orchestrator resumes from
 
 
 class Orchestrator:
@@ -102,6 +103,8 @@ class Orchestrator:
         await kv.put("spec", codec.encode(spec))
         if exists:
             await self.restore()
+        elif self.settings.source_job and self.settings.from_round > 0:
+            await self.start_from_source(self.settings.from_round)
         self._grads = await self.bus.pull("grads", subjects.grads(self.job), durable="orchestrator", batch=256)
         log.info(
             "job %s: %s on %s, %d parameters, %d rounds of %d samples",
@@ -137,11 +140,28 @@ class Orchestrator:
 
     async def restore(self) -> None:
         """Take over from the last checkpoint (or from round 0 if there is none)."""
-        raw = await self.bus.get_object(subjects.checkpoint_bucket(self.job), "latest")
+        raw = await self.bus.get_object(subjects.checkpoint_bucket(self.job), LATEST)
         if raw is None:
             self._event(0, "resume", f"generation {self.generation}: no checkpoint, starting again from round 0")
             return
-        ckpt = Checkpoint.from_bytes(raw)
+        ckpt = self._load(Checkpoint.from_bytes(raw))
+        self._event(ckpt.round, "resume", f"generation {self.generation}: resumed from the checkpoint of round {ckpt.round}")
+
+    async def start_from_source(self, round_: int) -> None:
+        """A replay from `round_`: start at the source job's latest checkpoint at or before it."""
+        source = self.settings.source_job
+        bucket = subjects.checkpoint_bucket(source)
+        stored = sorted(int(n.split("-")[1]) for n in await self.bus.list_objects(bucket) if n.startswith("round-"))
+        usable = [k for k in stored if k <= round_]
+        if not usable:
+            raise BusError(
+                f"job {source!r} has no checkpoint at or before round {round_} (it keeps rounds {stored or 'none'})"
+            )
+        ckpt = self._load(Checkpoint.from_bytes(await self.bus.get_object(bucket, f"round-{usable[-1]}")))
+        self.metrics.job, self.metrics.settings = self.job, self.settings.model_dump(mode="json")
+        self._event(ckpt.round, "replay", f"replaying {source} from its checkpoint of round {ckpt.round}")
+
+    def _load(self, ckpt: Checkpoint) -> Checkpoint:
         if ckpt.layout_hash != self.layout.hash:
             raise BusError(f"the checkpoint of job {self.job!r} is for another model layout")
         self.layout.load_params(self.model, ckpt.params)
@@ -149,16 +169,22 @@ class Orchestrator:
         self.metrics = Metrics(**ckpt.metrics)
         self.rejected.update(self.metrics.rejected)
         self.start_round = ckpt.round
-        self._event(ckpt.round, "resume", f"generation {self.generation}: resumed from the checkpoint of round {ckpt.round}")
+        return ckpt
 
     async def checkpoint(self, rounds_done: int) -> None:
-        """Store parameters, optimizer state, round and metrics in the job's Object Store bucket."""
+        """Store parameters, optimizer state, round and metrics in the job's Object Store bucket:
+        as the latest, and as `round-<n>` (the last PANGEA_CHECKPOINT_KEEP), for replays."""
         self.metrics.rejected = dict(self.rejected)
         ckpt = Checkpoint(
             rounds_done, self.layout.flatten_params(self.model), self.optimizer.state_dict(),
             asdict(self.metrics), self.layout.hash,
         )
-        await self.bus.put_object(subjects.checkpoint_bucket(self.job), "latest", ckpt.to_bytes())
+        bucket, data = subjects.checkpoint_bucket(self.job), ckpt.to_bytes()
+        await self.bus.put_object(bucket, LATEST, data)
+        await self.bus.put_object(bucket, f"round-{rounds_done}", data)
+        kept = sorted(int(n.split("-")[1]) for n in await self.bus.list_objects(bucket) if n.startswith("round-"))
+        for old in kept[: max(0, len(kept) - self.settings.checkpoint_keep)]:
+            await self.bus.delete_object(bucket, f"round-{old}")
 
     # ------------------------------------------------------------------ the loop
 
