@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -31,6 +34,7 @@ EXAMPLES = {
     "delete": "example:\n  pangea delete --nats-url nats://127.0.0.1:4222 --job exp1",
     "replay": "examples:\n  pangea replay --nats-url nats://127.0.0.1:4222 --job exp1 --workers 3 --out runs/exp1-replay\n"
     "  pangea run --store-dir runs/store --job exp2 && pangea replay --store-dir runs/store --job exp2",
+    "plot": "example:\n  pangea plot runs/digits4            # writes runs/digits4/dashboard.png",
     "checkpoint": "example:\n  pangea checkpoint export --nats-url nats://127.0.0.1:4222 --job exp1 --out exp1.pt\n"
     "  python -c \"import torch; sd = torch.load('exp1.pt'); print(list(sd))\"",
     "status": "examples:\n  pangea status --nats-url nats://127.0.0.1:4222 --job exp1\n"
@@ -66,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every flag can also be set as a PANGEA_<NAME> environment variable (or in .env).",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    parser.add_argument("--log-format", help="text (default) or json: one JSON object per line")
     sub = parser.add_subparsers(dest="command", metavar="command")
 
     def command(name: str, help_: str) -> argparse.ArgumentParser:
@@ -123,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", default=None, help="print JSON instead of a table")
     _bus_flags(status)
 
+    plot = command("plot", "render a run's metrics.json as a PNG: loss, accuracy, round time, throughput")
+    plot.add_argument("dir", help="a run's output directory (holding metrics.json)")
+    plot.add_argument("--out", help="the PNG to write (default DIR/dashboard.png)")
+
     ckpt = command("checkpoint", "export a job's last checkpoint as a plain torch state_dict")
     ckpt.add_argument("action", choices=["export"], help="export: write the state_dict file")
     ckpt.add_argument("--out", required=True, help="the .pt file to write")
@@ -134,16 +143,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    skip = {"command", "log_level"}
+    skip = {"command", "log_level", "log_format"}
     return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
 
 
-def _setup_logging(level: str, role: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)-7s [{role}] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the job, role and worker a log search filters on."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.fields = {"role": role, "job": os.environ.get("PANGEA_JOB"), "worker": os.environ.get("PANGEA_WORKER_ID")}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+            "message": record.getMessage(), **{k: v for k, v in self.fields.items() if v},
+        }
+        round_ = _ROUND_RE.search(entry["message"])
+        if round_:
+            entry["round"] = int(round_.group(1))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+_ROUND_RE = re.compile(r"\bround (\d+)")
+
+
+def _setup_logging(level: str, role: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter(role))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s [{role}] %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     logging.getLogger("nats").setLevel(logging.WARNING)
 
 
@@ -178,19 +211,35 @@ def _run_async(main: Callable[[], object], graceful: list | None = None) -> int:
 
 
 def _role(name: str, settings, build) -> int:
+    from pangea.telemetry import HealthServer
+
     holder: list = []
+    health = None
+    if settings.http_port:
+        try:
+            health = HealthServer(settings.http_port).start()
+        except OSError as exc:
+            raise BusError(f"cannot serve health/metrics on port {settings.http_port} (PANGEA_HTTP_PORT): {exc}") from None
 
     async def main() -> None:
         bus = await Bus.connect(settings, name)
+        if health:
+            health.set_ready(True)
         try:
             role = build(settings, bus)
             if hasattr(role, "request_stop"):
                 holder.append(role)
             await role.run()
         finally:
+            if health:
+                health.set_ready(False)
             await bus.close()
 
-    return _run_async(main, holder)
+    try:
+        return _run_async(main, holder)
+    finally:
+        if health:
+            health.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.command:
         args = parser.parse_args(["run", *(argv or [])])
-    _setup_logging(args.log_level, args.command)
+    log_format = args.log_format or os.environ.get("PANGEA_LOG_FORMAT", "text")
+    if log_format not in ("text", "json"):
+        print(f"pangea: error: invalid setting --log-format = {log_format!r}: use text or json", file=sys.stderr)
+        return EXIT_USER_ERROR
+    os.environ["PANGEA_LOG_FORMAT"] = log_format  # the roles `pangea run` starts log the same way
+    _setup_logging(args.log_level, args.command, log_format)
     try:
         return _dispatch(args)
     except USER_ERRORS as exc:
@@ -244,6 +298,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         return Supervisor(run, replay=replay).run()
     if args.command == "status":
         return _status(cfg.load(cfg.BusSettings, **{k: v for k, v in over.items() if k != "json"}), bool(args.json))
+    if args.command == "plot":
+        from pathlib import Path
+
+        from pangea.outputs import plot_dashboard
+
+        source = Path(args.dir) / "metrics.json"
+        try:
+            metrics = json.loads(source.read_text())
+        except (OSError, ValueError) as exc:
+            raise cfg.SettingsError(f"cannot read {source}: {exc.__class__.__name__}: {exc}") from None
+        target = Path(args.out) if args.out else Path(args.dir) / "dashboard.png"
+        plot_dashboard(metrics, target)
+        print(f"wrote {target}")
+        return 0
     if args.command == "checkpoint":
         from pathlib import Path
 

@@ -87,3 +87,35 @@ def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
         return math.inf
     return max((float(np.max(np.abs(a[k] - b[k]))) if a[k].size else 0.0) for k in a)
+
+
+def plot_dashboard(metrics: dict, path: Path) -> None:
+    """`pangea plot`: loss, test accuracy, round time and throughput of a run's metrics.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss, seconds, samples = metrics.get("loss", []), metrics.get("round_seconds", []), metrics.get("samples", [])
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    (ax_loss, ax_acc), (ax_time, ax_rate) = axes
+    ax_loss.plot(loss, lw=1)
+    ax_loss.set(xlabel="round", ylabel="training loss", title="loss", yscale="log" if loss and min(loss) > 0 else "linear")
+    accuracy = [a for a in metrics.get("test_accuracy", []) if a is not None]
+    ax_acc.plot(range(1, len(accuracy) + 1), accuracy, marker="o")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy", title=f"final {metrics.get('final_test_accuracy') or float('nan'):.4f}")
+    ax_time.plot(seconds, lw=1)
+    ax_time.set(xlabel="round", ylabel="seconds", title="round time")
+    window = 20
+    rate = [
+        sum(samples[max(0, i - window + 1) : i + 1]) / max(1e-9, sum(seconds[max(0, i - window + 1) : i + 1]))
+        for i in range(min(len(samples), len(seconds)))
+    ]
+    ax_rate.plot(rate, lw=1)
+    ax_rate.set(xlabel="round", ylabel="samples / s", title=f"throughput ({window}-round window)")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{metrics.get('job', '')} ({metrics.get('mode', '')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -48,6 +48,8 @@ class BusSettings(_Base):
     batch_retention_rounds: int = Field(
         0, ge=0, description="keep only the batches of this many latest rounds (0: no limit)"
     )
+    http_port: int = Field(8000, ge=0, le=65535, description="port of /healthz, /readyz and /metrics (0: off)")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text or as JSON objects")
     heartbeat_seconds: float = Field(1.0, gt=0, description="worker heartbeat period")
     member_ttl: float = Field(10.0, gt=0, description="seconds without heartbeat before a worker is gone")
 

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pangea import codec
 from pangea.bus import subjects
 from pangea.bus.client import Bus, BusError
-from pangea.bus.server import EmbeddedServer
+from pangea.bus.server import EmbeddedServer, free_port
 from pangea.cli import EXIT_USER_ERROR
 from pangea.messages import JobSpec, RoundDone
 from pangea.settings import ReplaySettings, RunSettings
@@ -96,6 +96,8 @@ class Supervisor:
         return env
 
     def spawn(self, name: str, role: str, env: dict[str, str]) -> Child:
+        # Every role on this machine gets its own health/metrics port (see ports.json).
+        env = {**env, "PANGEA_HTTP_PORT": str(free_port() if self.settings.http_port else 0)}
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         child = Child(name, role, self._start(role, env, logs / f"{name}.log"), logs / f"{name}.log", env)
@@ -111,8 +113,10 @@ class Supervisor:
             )
 
     def _write_pids(self) -> None:
-        """For operators and fault tests: which pid is which role."""
+        """For operators and fault tests: which pid is which role, and its health/metrics port."""
         (self.out / "pids.json").write_text(json.dumps({c.name: c.proc.pid for c in self.children}))
+        ports = {c.name: int(c.env.get("PANGEA_HTTP_PORT", 0)) for c in self.children}
+        (self.out / "ports.json").write_text(json.dumps(ports))
 
     def restart(self, child: Child) -> None:
         """Start a dead role again, as a compose restart policy or a Kubernetes Deployment would."""

@@ -19,6 +19,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from pangea import telemetry
 from pangea.bus import frames, subjects
 from pangea.settings import BusSettings
 
@@ -96,6 +97,7 @@ class Puller:
                 await self._check_consumer(loop.time())
                 return None
             self._quiet_since = loop.time()
+            telemetry.BYTES_IN.inc(len(msg.data))
             if not frames.is_frame(msg):
                 return Delivery(msg.data, msg.subject, [msg])
             try:
@@ -176,6 +178,7 @@ class Bus:
                 log.warning("disconnected from NATS; reconnecting")
 
         async def on_reconnect() -> None:
+            telemetry.RECONNECTS.inc()
             if "bus" in holder:
                 holder["bus"].reconnects += 1
             log.warning("reconnected to NATS")
@@ -438,6 +441,7 @@ class Bus:
         max_ack_pending: int = 20_000,
         job: str | None = None,
         inactive_threshold: float | None = None,
+        headers_only: bool = False,
     ) -> Puller:
         """A pull consumer on the `what` stream of this job (or of `job`) filtered to `subject`.
 
@@ -448,6 +452,7 @@ class Bus:
             max_ack_pending=max_ack_pending,
             ack_wait=_ACK_WAIT,
             inactive_threshold=inactive_threshold or (None if durable else 600),
+            headers_only=headers_only or None,
         )
         if start_sequence is not None:
             config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
@@ -495,6 +500,7 @@ class Bus:
         sequences: list[int] = []
         for subject, payload, msg_id in items:
             for data, headers in frames.split(payload, limit, msg_id):
+                telemetry.BYTES_OUT.inc(len(data))
                 frame = (subject, data, headers)
                 pending.append((frame, await self._send(frame)))
                 if len(pending) >= self.settings.publish_window:

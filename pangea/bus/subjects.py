@@ -7,6 +7,9 @@ are valid subject tokens, stream names and bucket names as they are.
 from __future__ import annotations
 
 PREFIX = "pangea"
+# A durable consumer on the batch stream that the orchestrator advances as rounds close:
+# its pending count is the batches not yet used (what a KEDA nats-jetstream trigger reads).
+BACKLOG_CONSUMER = "backlog"
 
 
 def batches(job: str, worker: str = "*") -> str:

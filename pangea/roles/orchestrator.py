@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, replace
 
-from pangea import codec
+from pangea import codec, telemetry
 from pangea.aggregate import Rejected, RoundAccumulator, split_batch
 from pangea.bus import subjects
 from pangea.bus.client import Bus, BusError, Delivery
@@ -106,6 +106,11 @@ class Orchestrator:
         elif self.settings.source_job and self.settings.from_round > 0:
             await self.start_from_source(self.settings.from_round)
         self._grads = await self.bus.pull("grads", subjects.grads(self.job), durable="orchestrator", batch=256)
+        self._backlog = await self.bus.pull(
+            "batches", subjects.batches(self.job), durable=subjects.BACKLOG_CONSUMER, batch=512,
+            headers_only=True,  # counting and acknowledging needs no payload
+        )
+        self._backlog_drained = 0.0
         log.info(
             "job %s: %s on %s, %d parameters, %d rounds of %d samples",
             self.job, self.settings.model, self.dataset.name, self.layout.numel, self.total_rounds,
@@ -256,12 +261,27 @@ class Orchestrator:
             self.job, SENDER, r, self.total_rounds, epoch, acc.loss(), seconds, acc.complete_samples(), accuracy,
             tuple(self.known_members), tuple(self.metrics.round_seconds[-20:]),
         )
+        await self._drain_backlog()
+        telemetry.ROUNDS.inc()
+        telemetry.ROUND_SECONDS.observe(seconds)
+        telemetry.SAMPLES.inc(acc.complete_samples())
+        telemetry.LOSS.set(acc.loss())
+        telemetry.MEMBERS.set(len(self.known_members))
         payload = codec.encode(done)
         await self.bus.publish_event(subjects.rounds(self.job), payload)
         await self.bus.kv_put(subjects.job_bucket(self.job), "round", payload)
         if epoch_done:
             log.info("epoch %d done (round %d/%d): loss %.4f, test accuracy %.4f",
                      epoch + 1, r + 1, self.total_rounds, acc.loss(), accuracy)
+
+    async def _drain_backlog(self, every: float = 1.0) -> None:
+        """Acknowledge, at most once a second, every batch published so far on the backlog
+        consumer: they all belong to closed rounds (the next plan is not out yet)."""
+        if time.monotonic() - self._backlog_drained < every:
+            return
+        self._backlog_drained = time.monotonic()
+        while (delivery := await self._backlog.next(timeout=0.02)) is not None:
+            await delivery.ack()
 
     async def current_members(self, r: int) -> list[str]:
         """Live members for round r (waiting for one if there is none); joins and leaves logged."""
@@ -401,6 +421,7 @@ class Orchestrator:
 
     def _reject(self, reason: str, detail: str) -> bool:
         self.rejected[reason] += 1
+        telemetry.REJECTED.labels(reason).inc()
         log.warning("rejected (%s): %s", reason, detail)
         return False
 

@@ -20,7 +20,7 @@ import uuid
 import numpy as np
 import torch
 
-from pangea import codec
+from pangea import codec, telemetry
 from pangea.bus import subjects
 from pangea.bus.client import Bus, BusError, Puller
 from pangea.chunking import Assembler, split
@@ -139,6 +139,7 @@ class Worker:
 
         await self.bus.publish(items())
         self.shards_done += 1
+        telemetry.SHARDS.inc()
 
     @staticmethod
     async def _keep_in_progress(delivery, period: float = 10.0) -> None:
