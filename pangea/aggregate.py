@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pangea import chunking
+from pangea import chunking, robust
 from pangea.messages import Chunk
 
 
@@ -24,8 +24,10 @@ class Rejected(ValueError):
 class RoundAccumulator:
     """Streaming sum of n_k * g_k over the shards of one round; `mean()` once complete."""
 
-    def __init__(self, round_: int, numel: int, shard_sizes: dict[int, int]) -> None:
+    def __init__(self, round_: int, numel: int, shard_sizes: dict[int, int], keep_rows: bool = False) -> None:
         self.round = round_
+        # Robust aggregators need every shard's whole gradient, not only the running sum.
+        self._rows: dict[int, np.ndarray] | None = {} if keep_rows else None
         self.numel = numel
         self.shard_sizes = dict(shard_sizes)
         self.total_samples = sum(shard_sizes.values())
@@ -57,6 +59,8 @@ class RoundAccumulator:
         stop = chunk.offset + values.shape[0]
         # In-place multiply-add into the float64 sum: no temporary of the chunk's size in float64.
         np.add(self._sum[chunk.offset : stop], values.astype(np.float64) * num_samples, out=self._sum[chunk.offset : stop])
+        if self._rows is not None:
+            self._rows.setdefault(shard, np.zeros(self.numel, np.float32))[chunk.offset : stop] = values
         self._chunk_counts[shard] = chunk.count  # only an accepted chunk fixes the shard's count
         self._seen[shard].add(chunk.index)
         self._loss[shard] = float(loss)
@@ -79,6 +83,17 @@ class RoundAccumulator:
         """The sample-weighted mean of the shards' mean losses (over the shards heard from)."""
         heard = {s: n for s, n in self.shard_sizes.items() if s in self._loss}
         return sum(self._loss[s] * n for s, n in heard.items()) / max(1, sum(heard.values()))
+
+    def robust(self, aggregator: str, byzantine: int, clip_norm: float) -> np.ndarray:
+        """Combine the complete shards' gradients with a robust aggregator (after clipping)."""
+        if self._rows is None:
+            raise RuntimeError("robust aggregation needs keep_rows=True")
+        done = [s for s in self.shard_sizes if s not in self.missing()]
+        rows = np.stack([self._rows[s] for s in done]).astype(np.float64)
+        if clip_norm > 0:
+            rows = robust.clip(rows, clip_norm)
+        weights = np.array([self.shard_sizes[s] for s in done], dtype=np.float64)
+        return robust.combine(rows, weights, aggregator, byzantine).astype(np.float32)
 
     def complete_samples(self) -> int:
         """Samples of the shards whose whole gradient arrived."""

@@ -21,8 +21,9 @@ from pangea.bus.client import Bus, BusError
 from pangea.bus.server import ServerError
 from pangea.data import DataError
 from pangea.models import ModelError
+from pangea.training import Diverged
 
-USER_ERRORS = (cfg.SettingsError, DataError, ModelError, BusError, ServerError)
+USER_ERRORS = (cfg.SettingsError, DataError, ModelError, BusError, ServerError, Diverged)
 EXIT_USER_ERROR = 2  # a mistake a restart cannot fix: supervisors do not restart on it
 EXAMPLES = {
     "run": "examples:\n  pangea run\n  pangea run --workers 4 --epochs 20 --out runs/digits4\n"
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--store-dir", help="JetStream store of the embedded server (default: temporary)")
     run.add_argument("--resume", help="true: continue an existing job from its last checkpoint")
     run.add_argument("--checkpoint-every", help="store a checkpoint every N rounds (0: only at the end)")
+    run.add_argument("--aggregator", help="mean (exact), trimmed-mean, median or krum (robust to poisoned gradients)")
+    run.add_argument("--byzantine", help="trimmed-mean/krum: how many contributions may be malicious (default 1)")
+    run.add_argument("--clip-norm", help="clip each shard gradient to this L2 norm first (0: off)")
     run.add_argument("--policy", help="exact (re-issue slow shards) or quorum (close rounds without them)")
     run.add_argument("--straggler-deadline", help="seconds a round waits for a shard (0: adaptive)")
     _bus_flags(run, "job name (default: generated)")
@@ -101,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--out", help="output directory")
     orch.add_argument("--resume", help="true: continue an existing job from its last checkpoint")
     orch.add_argument("--checkpoint-every", help="store a checkpoint every N rounds (0: only at the end)")
+    orch.add_argument("--aggregator", help="mean (exact), trimmed-mean, median or krum (robust to poisoned gradients)")
+    orch.add_argument("--byzantine", help="trimmed-mean/krum: how many contributions may be malicious (default 1)")
+    orch.add_argument("--clip-norm", help="clip each shard gradient to this L2 norm first (0: off)")
     orch.add_argument("--policy", help="exact (re-issue slow shards) or quorum (close rounds without them)")
     orch.add_argument("--straggler-deadline", help="seconds a round waits for a shard (0: adaptive)")
     _bus_flags(orch)
@@ -219,7 +226,15 @@ def _role(name: str, settings, build) -> int:
         try:
             health = HealthServer(settings.http_port).start()
         except OSError as exc:
-            raise BusError(f"cannot serve health/metrics on port {settings.http_port} (PANGEA_HTTP_PORT): {exc}") from None
+            if "http_port" in settings.model_fields_set:  # asked for explicitly: a real conflict
+                raise BusError(
+                    f"cannot serve health/metrics on port {settings.http_port} (PANGEA_HTTP_PORT): {exc}"
+                ) from None
+            # The default port is taken (several roles on one machine): any free port will do.
+            health = HealthServer(0).start()
+            logging.getLogger(__name__).warning(
+                "port %d is taken: health/metrics on port %d instead", settings.http_port, health.port
+            )
 
     async def main() -> None:
         bus = await Bus.connect(settings, name)

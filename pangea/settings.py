@@ -100,6 +100,11 @@ class OrchestratorSettings(BusSettings, TrainSettings):
     source_job: str | None = Field(
         None, pattern=NAME_PATTERN, description="replay: train on this job's stored batches (set by pangea replay)"
     )
+    aggregator: Literal["mean", "trimmed-mean", "median", "krum"] = Field(
+        "mean", description="how shard gradients are combined (the robust ones resist poisoned gradients)"
+    )
+    byzantine: int = Field(1, ge=0, description="trimmed-mean/krum: how many contributions may be malicious")
+    clip_norm: float = Field(0.0, ge=0, description="clip each shard gradient to this L2 norm first (0: off)")
     resume: bool = Field(False, description="continue an existing job from its last checkpoint on the bus")
     checkpoint_every: int = Field(10, ge=0, description="store a checkpoint every N rounds (0: only at the end)")
     checkpoint_keep: int = Field(10, ge=1, description="per-round checkpoints kept for replays (the latest is always kept)")
@@ -119,6 +124,9 @@ class WorkerSettings(BusSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for gradients")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
     test_delay: float = Field(0.0, ge=0, description="test only: sleep this long before each shard (a straggler)")
+    test_attack: Literal["none", "scale", "random"] = Field(
+        "none", description="test only: send a poisoned gradient (x-20, or random noise)"
+    )
 
 
 class RunSettings(OrchestratorSettings):

@@ -10,6 +10,10 @@ from pangea.data import Dataset, steps_per_epoch
 from pangea.settings import TrainSettings
 
 
+class Diverged(ValueError):
+    """Training produced non-finite parameters; the message says at which round."""
+
+
 def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy: a shard's gradient is the mean over its own samples."""
     return nn.functional.cross_entropy(logits, target)

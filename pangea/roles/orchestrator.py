@@ -29,7 +29,7 @@ from pangea.models import build_model
 from pangea.outputs import Metrics, write_outputs
 from pangea.planning import adaptive_deadline, pick_replacements
 from pangea.settings import OrchestratorSettings
-from pangea.training import batch_rows, evaluate, make_optimizer, total_rounds
+from pangea.training import Diverged, batch_rows, evaluate, make_optimizer, total_rounds
 
 log = logging.getLogger(__name__)
 SENDER = "orchestrator"
@@ -60,6 +60,7 @@ class Orchestrator:
         self.start_round = 0
         self._attempt = 0
         self._clean_seconds: list[float] = []  # durations of rounds that needed no re-issue
+        self._non_finite: dict[int, set[str]] = {}  # shard -> senders of NaN/Inf gradients this round
 
     # ------------------------------------------------------------------ setup
 
@@ -228,9 +229,12 @@ class Orchestrator:
         plan = RoundPlan(self.job, SENDER, r, epoch, step, rows, shards, generation=self.generation)
         await self.publish_plan(plan)
 
-        acc = RoundAccumulator(r, self.layout.numel, {i: s.size for i, s in enumerate(shards)})
+        robust = self.settings.aggregator != "mean" or self.settings.clip_norm > 0
+        acc = RoundAccumulator(r, self.layout.numel, {i: s.size for i, s in enumerate(shards)}, keep_rows=robust)
         await self.collect(plan, acc)
-        if acc.complete:
+        if robust:
+            mean = acc.robust(self.settings.aggregator, self.settings.byzantine, self.settings.clip_norm)
+        elif acc.complete:
             mean = acc.mean()
         else:
             mean = acc.partial_mean()
@@ -240,6 +244,11 @@ class Orchestrator:
 
         self.layout.set_grads(self.model, mean)
         self.optimizer.step()
+        if not all(bool(p.isfinite().all()) for p in self.layout.params(self.model)):
+            raise Diverged(
+                f"training diverged at round {r}: the parameters are no longer finite "
+                "(lower --lr, or use a robust --aggregator if a worker may send poisoned gradients)"
+            )
         seconds = time.perf_counter() - t0
         epoch_done = step == steps_per_epoch(self.num_samples, self.settings.batch_size) - 1
         accuracy = evaluate(self.model, self.dataset.x_test, self.dataset.y_test) if epoch_done else float("nan")
@@ -310,6 +319,7 @@ class Orchestrator:
         """
         owners = {i: s.worker for i, s in enumerate(plan.shards)}
         self.assigned = {i: {s.worker} for i, s in enumerate(plan.shards)}
+        self._non_finite: dict[int, set[str]] = {}
         self._attempt = 0
         now = time.monotonic()
         deadline, next_check, warn_at = now + self.deadline(), now + 0.5, now + self.settings.round_warn_seconds
@@ -324,6 +334,7 @@ class Orchestrator:
             if now >= next_check:
                 next_check = now + 0.5
                 live = await self.members()
+                self._check_divergence(plan, acc, live)
                 gone = {s: owners[s] for s in acc.missing() if owners[s] not in live}
                 if gone:
                     await self.reissue(plan, owners, gone, live, acc, "left the job")
@@ -373,8 +384,20 @@ class Orchestrator:
             self._check(plan, grad)
             acc.add(grad.shard, grad.num_samples, grad.loss, grad.chunk, grad.values.numpy())
         except Rejected as exc:
+            if exc.reason == "non_finite":
+                self._non_finite.setdefault(grad.shard, set()).add(grad.sender)
             return self._reject(exc.reason, f"from {grad.sender!r}: {exc.detail}")
         return True
+
+    def _check_divergence(self, plan: RoundPlan, acc: RoundAccumulator, live: list[str]) -> None:
+        """NaN/Inf gradients for every missing shard, from two workers each (or from the only
+        one there is): the model itself diverged, and waiting would never end."""
+        missing = acc.missing()
+        if missing and all(len(self._non_finite.get(s, ())) >= min(2, max(1, len(live))) for s in missing):
+            raise Diverged(
+                f"training diverged at round {plan.round}: every worker computes NaN/Inf gradients "
+                "(lower --lr, or use a robust --aggregator if a worker may send poisoned gradients)"
+            )
 
     def _check(self, plan: RoundPlan, grad: Gradient) -> None:
         if grad.job != self.job:

@@ -156,7 +156,12 @@ class Worker:
         self.model.zero_grad(set_to_none=True)
         loss = loss_fn(self.model(x), y)
         loss.backward()
-        return self.layout.flatten_grads(self.model), loss.item()
+        flat = self.layout.flatten_grads(self.model)
+        if self.settings.test_attack == "scale":  # test only: a poisoned gradient
+            flat = flat * -20.0
+        elif self.settings.test_attack == "random":
+            flat = np.random.default_rng().normal(scale=10.0, size=flat.shape).astype(np.float32)
+        return flat, loss.item()
 
     # ------------------------------------------------------------------ parameters
 
