@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output directory (default runs/<job>)")
     run.add_argument("--store-dir", help="JetStream store of the embedded server (default: temporary)")
     run.add_argument("--resume", help="true: continue an existing job from its last checkpoint")
+    run.add_argument("--secure", action="store_const", const=True, help="a user with least-privilege permissions per role")
     run.add_argument("--checkpoint-every", help="store a checkpoint every N rounds (0: only at the end)")
     run.add_argument("--aggregator", help="mean (exact), trimmed-mean, median or krum (robust to poisoned gradients)")
     run.add_argument("--byzantine", help="trimmed-mean/krum: how many contributions may be malicious (default 1)")

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -34,6 +34,14 @@ class BusSettings(_Base):
         None, description="NATS server URL(s), comma-separated; unset: start an embedded server"
     )
     job: str = Field("pangea", pattern=NAME_PATTERN, description="job name: prefix of subjects and streams")
+    nats_token: SecretStr | None = Field(None, description="NATS auth token (never logged)")
+    nats_user: str | None = Field(None, description="NATS user name")
+    nats_password: SecretStr | None = Field(None, description="NATS password (never logged)")
+    nats_nkey_seed: Path | None = Field(None, description="file holding an NKey seed to authenticate with")
+    nats_creds: Path | None = Field(None, description="NATS credentials file (JWT + NKey seed)")
+    tls_ca: Path | None = Field(None, description="CA certificate that signed the server's certificate (enables TLS)")
+    tls_cert: Path | None = Field(None, description="client certificate, for servers that verify clients")
+    tls_key: Path | None = Field(None, description="client certificate's private key")
     connect_timeout: float = Field(10.0, gt=0, description="seconds to wait for the NATS server")
     chunk_bytes: int = Field(
         1 << 20, ge=4096, description="largest tensor chunk per message (capped by the server's max payload)"
@@ -138,6 +146,7 @@ class RunSettings(OrchestratorSettings):
     store_dir: Path | None = Field(
         None, description="JetStream store of the embedded server (default: temporary; set it to replay later)"
     )
+    secure: bool = Field(False, description="embedded server with a user and least-privilege permissions per role")
 
 
 class ReplaySettings(BusSettings):

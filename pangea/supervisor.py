@@ -20,11 +20,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pangea import codec
 from pangea.bus import subjects
+from pangea.bus import security
 from pangea.bus.client import Bus, BusError
 from pangea.bus.server import EmbeddedServer, free_port
 from pangea.cli import EXIT_USER_ERROR
@@ -82,13 +84,16 @@ class Supervisor:
         self.out = settings.out or Path("runs") / self.job
         self.console = console or Console(stderr=True)
         self.children: list[Child] = []
+        self.users: dict = {}  # --secure: user -> (password, permissions)
         self.server: EmbeddedServer | None = None
 
     def role_env(self, nats_url: str) -> dict[str, str]:
         """PANGEA_* variables carrying the resolved settings to every role."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PANGEA_")}
-        values = self.settings.model_dump(exclude={"job", "out", "nats_url", "device", "store_dir"})
+        values = self.settings.model_dump(exclude={"job", "out", "nats_url", "device", "store_dir", "secure"})
         for key, value in values.items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
             if value is not None:
                 env[f"PANGEA_{key.upper()}"] = str(value)
         env.update(PANGEA_NATS_URL=nats_url, PANGEA_JOB=self.job, PANGEA_OUT=str(self.out))
@@ -135,8 +140,12 @@ class Supervisor:
                 if self.replay and not self.settings.store_dir:
                     raise BusError("replay reads a job's stored batches: set PANGEA_NATS_URL or --store-dir")
                 self.out.mkdir(parents=True, exist_ok=True)
-                self.server = EmbeddedServer(self.settings.store_dir, log_file=self.out / "nats-server.log").start()
+                self.server = EmbeddedServer(
+                    self.settings.store_dir, log_file=self.out / "nats-server.log", extra_config=self._secure_config(),
+                ).start()
                 url = self.server.url
+            elif self.settings.secure:
+                raise BusError("--secure makes users for the embedded server; for your own server see infra/nats/")
             if self.replay:
                 self.settings = asyncio.run(self._replay_settings(url))
                 self.validate()
@@ -184,19 +193,34 @@ class Supervisor:
         dataset = load_dataset(self.settings.dataset)
         build_model(self.settings.model, dataset.input_shape, dataset.num_classes, self.settings.hidden_sizes, 0)
 
+    def _secure_config(self) -> str:
+        """With --secure: a user per role (and per worker) with least-privilege permissions."""
+        if not self.settings.secure:
+            return ""
+        self.users = security.job_users(self.job, [f"w{i}" for i in range(self.settings.workers)])
+        return security.authorization_block(self.users)
+
+    def _login(self, user: str) -> dict[str, str]:
+        if not self.users:
+            return {}
+        return {"PANGEA_NATS_USER": user, "PANGEA_NATS_PASSWORD": self.users[user][0]}
+
     async def _supervise(self, url: str) -> int:
         env = self.role_env(url)
         workers = self.settings.workers
         threads = max(1, (os.cpu_count() or 1) // workers)
-        orchestrator = self.spawn("orchestrator", "orchestrator", env)
-        self.spawn("preprocessor", "preprocessor", env)
+        orchestrator = self.spawn("orchestrator", "orchestrator", {**env, **self._login("orchestrator")})
+        self.spawn("preprocessor", "preprocessor", {**env, **self._login("preprocessor")})
         for i in range(workers):
             self.spawn(
                 f"worker-{i}", "worker",
                 {**env, "PANGEA_WORKER_ID": f"w{i}", "PANGEA_DEVICE": self.settings.device,
-                 "PANGEA_TORCH_THREADS": str(threads)},
+                 "PANGEA_TORCH_THREADS": str(threads), **self._login(f"w{i}")},
             )
-        bus = await Bus.connect(self.settings.model_copy(update={"nats_url": url, "job": self.job}), "supervisor")
+        observer = {"nats_url": url, "job": self.job}
+        if self.users:
+            observer.update(nats_user="observer", nats_password=SecretStr(self.users["observer"][0]))
+        bus = await Bus.connect(self.settings.model_copy(update=observer), "supervisor")
         try:
             with self._progress() as progress:
                 task = progress.add_task("rounds", total=None, loss=math.nan, acc="-")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -37,6 +38,26 @@ _CONSUMER_CHECK_SECONDS = 10.0  # after this long without messages, check the co
 
 class BusError(RuntimeError):
     """The bus is unreachable or refused an operation; the message says what to change."""
+
+
+def _credentials(settings: BusSettings) -> dict:
+    """nats.connect() keyword arguments for the configured authentication and TLS."""
+    options: dict = {}
+    if settings.nats_token:
+        options["token"] = settings.nats_token.get_secret_value()
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password.get_secret_value() if settings.nats_password else ""
+    if settings.nats_nkey_seed:
+        options["nkeys_seed"] = str(settings.nats_nkey_seed)
+    if settings.nats_creds:
+        options["user_credentials"] = str(settings.nats_creds)
+    if settings.tls_ca or settings.tls_cert:
+        context = ssl.create_default_context(cafile=str(settings.tls_ca) if settings.tls_ca else None)
+        if settings.tls_cert:
+            context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key) if settings.tls_key else None)
+        options["tls"] = context
+    return options
 
 
 @dataclass
@@ -187,6 +208,7 @@ class Bus:
             # nats-py retries the server list itself; the timeout bounds the whole attempt.
             nc = await asyncio.wait_for(
                 nats.connect(
+                    **_credentials(settings),
                     servers=servers,
                     name=f"pangea-{settings.job}-{name}",
                     connect_timeout=min(2.0, settings.connect_timeout),
@@ -200,7 +222,9 @@ class Bus:
                 ),
                 settings.connect_timeout,
             )
-        except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
+        except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+            if "authorization" in str(exc).lower():
+                raise BusError(f"NATS at {settings.nats_url} refused our credentials ({exc})") from None
             raise BusError(
                 f"cannot reach NATS at {settings.nats_url} within {settings.connect_timeout:g}s"
                 + (f" ({exc})" if str(exc) else "")

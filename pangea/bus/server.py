@@ -50,6 +50,8 @@ class EmbeddedServer:
         name: str | None = None,
         cluster_port: int | None = None,
         routes: list[int] | None = None,
+        extra_config: str = "",
+        scheme: str = "nats",
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -61,11 +63,13 @@ class EmbeddedServer:
         self.name = name
         self.cluster_port = cluster_port
         self.routes = routes or []
+        self.extra_config = extra_config  # e.g. an authorization or tls block
+        self.scheme = scheme
         self._proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> EmbeddedServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +84,8 @@ class EmbeddedServer:
         if self.cluster_port:
             routes = ", ".join(f'"nats://{self.host}:{p}"' for p in self.routes)
             lines.append(f'cluster {{ name: "pangea", listen: "{self.host}:{self.cluster_port}", routes: [{routes}] }}')
-        config.write_text("\n".join(lines) + "\n")
+        config.write_text("\n".join(lines) + "\n" + self.extra_config)
+        config.chmod(0o600)  # it may hold passwords
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self._proc = subprocess.Popen([find_binary(), "-c", str(config)], stdout=out, stderr=out)
         deadline = time.monotonic() + timeout
