@@ -241,6 +241,9 @@ def _role(name: str, settings, build) -> int:
         bus = await Bus.connect(settings, name)
         if health:
             health.set_ready(True)
+            logging.getLogger(__name__).info(
+                "health and metrics on http://127.0.0.1:%d (/healthz /readyz /metrics)", health.port
+            )
         try:
             role = build(settings, bus)
             if hasattr(role, "request_stop"):

@@ -67,7 +67,7 @@ class HealthServer:
 
     def start(self) -> HealthServer:
         self._thread.start()
-        log.info("health and metrics on http://127.0.0.1:%d (/healthz /readyz /metrics)", self.port)
+        log.debug("health and metrics on http://127.0.0.1:%d", self.port)
         return self
 
     def set_ready(self, ready: bool) -> None:

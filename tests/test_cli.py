@@ -20,7 +20,10 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
         assert needle in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("command", ["run", "reference", "orchestrator", "preprocessor", "worker", "delete"])
+@pytest.mark.parametrize(
+    "command",
+    ["run", "reference", "orchestrator", "preprocessor", "worker", "replay", "status", "plot", "checkpoint", "delete"],
+)
 def test_every_command_has_help_with_an_example(command):
     result = run_pangea(command, "--help", env=role_env())
     assert result.returncode == 0

@@ -89,6 +89,7 @@ def test_scale_up_to_four_and_back_to_one(cluster, tmp_path):
     assert max(workers) == 4 and workers[0] == 1 and workers[-1] == 1
 
 
+@pytest.mark.slow
 def test_replay_reproduces_the_run(nats_url, job, tmp_path):
     out = tmp_path / "run"
     result = run_pangea("run", "--job", job, "--workers", "2", "--epochs", "2", "--batch-size", "40", "--seed", "9",

@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from pangea.bus.server import EmbeddedServer
@@ -64,6 +65,7 @@ def test_exported_checkpoint_loads_and_gives_the_reported_accuracy(nats_url, job
             np.testing.assert_array_equal(tensor.numpy(), params[name])
 
 
+@pytest.mark.slow
 def test_resume_needs_the_flag(nats_url, job, tmp_path):
     """Reusing a job name by accident is refused in one line; --resume continues the job."""
     first = run_pangea("run", "--job", job, "--epochs", "1", "--out", str(tmp_path / "a"), env=role_env(nats_url))
