@@ -55,6 +55,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", help="L2 weight decay")
     g.add_argument("--optimizer", help="sgd or adam")
     g.add_argument("--seed", help="seed of model init and batch order")
+    g.add_argument("--compression", help="none (exact), fp16, bf16, int8 or topk: gradients on the wire")
+    g.add_argument("--topk-fraction", help="topk: fraction of each chunk's elements sent (default 0.01)")
 
 
 def _bus_flags(p: argparse.ArgumentParser, job_help: str = "job name") -> None:

@@ -64,7 +64,7 @@ def decompress(c: Compressed) -> np.ndarray:
     if c.kind == "bf16":
         return (c.values.astype(np.uint32) << 16).view(np.float32)
     if c.kind == "int8":
-        return c.values.astype(np.float32) * np.float32(c.scale)
+        return (c.values.astype(np.float64) * c.scale).astype(np.float32)  # float64: tiny scales stay exact
     if c.kind == "topk":
         out = np.zeros(c.size, np.float32)
         out[c.indices] = c.values
@@ -90,7 +90,14 @@ class ErrorFeedback:
         self.residual: np.ndarray | None = None
 
     def compress(self, x: np.ndarray) -> Compressed:
+        return self.compress_slices(x, [(0, x.size)])[0]
+
+    def compress_slices(self, x: np.ndarray, slices: list[tuple[int, int]]) -> list[Compressed]:
+        """Compress each [start, stop) of x + residual on its own (e.g. one int8 scale per chunk)."""
         target = x.astype(np.float32) if self.residual is None else x + self.residual
-        c = compress(target, self.kind, self.fraction)
-        self.residual = target - decompress(c)
-        return c
+        out = [compress(target[a:b], self.kind, self.fraction) for a, b in slices]
+        sent = np.empty_like(target)
+        for (a, b), c in zip(slices, out):
+            sent[a:b] = decompress(c)
+        self.residual = target - sent
+        return out

@@ -28,6 +28,7 @@ DTYPES: dict[str, np.dtype] = {
     "int8": np.dtype("i1"),
     "uint8": np.dtype("u1"),
     "bool": np.dtype("?"),
+    "uint32": np.dtype("<u4"),
 }
 _NUMPY_TO_NAME = {np.dtype(v).newbyteorder("="): k for k, v in DTYPES.items() if k != "bfloat16"}
 
@@ -128,6 +129,9 @@ class Gradient:
     chunk: Chunk
     values: Tensor
     generation: int = 0
+    compression: str = "none"
+    scale: float = 1.0
+    indices: Tensor = field(default_factory=lambda: Tensor("uint32", (0,), memoryview(b"")))
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,8 @@ class JobSpec:
     momentum: float = 0.9
     weight_decay: float = 0.0
     source_job: str = ""
+    compression: str = "none"
+    topk_fraction: float = 0.01
 
 
 @dataclass(frozen=True)

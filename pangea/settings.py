@@ -79,6 +79,10 @@ class TrainSettings(_Base):
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="server-side optimizer")
     seed: int = Field(0, ge=0, description="seed of model init and batch order")
+    compression: Literal["none", "fp16", "bf16", "int8", "topk"] = Field(
+        "none", description="gradient compression on the wire (lossy ones use error feedback; none is exact)"
+    )
+    topk_fraction: float = Field(0.01, gt=0, le=1, description="topk: fraction of each chunk's elements sent")
 
     @field_validator("hidden")
     @classmethod

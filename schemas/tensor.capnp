@@ -37,6 +37,7 @@ enum DType {
   int8 @7;
   uint8 @8;
   bool @9;
+  uint32 @10;
 }
 
 struct Tensor {
@@ -80,6 +81,9 @@ struct Gradient {
   chunk @6 :Chunk;
   values @7 :Tensor;
   generation @8 :UInt32;  # of the parameters it was computed on
+  compression @9 :Text;   # none | fp16 | bf16 | int8 | topk: how `values` encodes the chunk
+  scale @10 :Float64;     # int8: value = q * scale
+  indices @11 :Tensor;    # topk: uint32 positions of `values` within the chunk
 }
 
 # Parameters after `version` optimizer steps, one chunk at a time.
@@ -142,6 +146,8 @@ struct JobSpec {
   momentum @14 :Float64;
   weightDecay @15 :Float64;
   sourceJob @16 :Text;    # a replay: the job whose stored batches it trains on
+  compression @17 :Text;  # how workers compress gradients
+  topkFraction @18 :Float64;
 }
 
 # Published by the orchestrator after each optimizer step (progress, status).

@@ -149,6 +149,7 @@ def test_intake_never_raises_on_arbitrary_bytes(payload):
     orch.job, orch.generation, orch.bus = "j", 0, _FakeBus()
     orch.known_members, orch.assigned, orch._late = ["w0"], {0: {"w0"}}, set()
     orch._non_finite = {}
+    orch.settings = OrchestratorSettings()
     from collections import Counter
 
     orch.rejected = Counter()
@@ -171,6 +172,7 @@ def test_intake_accepts_exactly_the_valid_chunk(values, round_, sender):
     orch.job, orch.generation, orch.bus = "j", 0, _FakeBus()
     orch.known_members, orch.assigned, orch._late, orch.rejected = ["w0", "w1"], {0: {"w0"}}, set(), Counter()
     orch._non_finite = {}
+    orch.settings = OrchestratorSettings()
     plan = RoundPlan("j", "orchestrator", 3, 0, 3, 4, (Shard("w0", 0, 4),))
     acc = RoundAccumulator(3, 8, {0: 4})
     array = np.array(values, np.float32)

@@ -16,12 +16,15 @@ import time
 from collections import Counter
 from dataclasses import asdict, replace
 
+import numpy as np
+
 from pangea import codec, telemetry
 from pangea.aggregate import Rejected, RoundAccumulator, split_batch
 from pangea.bus import subjects
 from pangea.bus.client import Bus, BusError, Delivery
 from pangea.checkpoint import Checkpoint
-from pangea.chunking import split
+from pangea.chunking import bounds, split
+from pangea.compress import Compressed, decompress
 from pangea.data import load_dataset, position, steps_per_epoch
 from pangea.layout import Layout
 from pangea.messages import GRADIENT_TENSOR, Gradient, Heartbeat, JobSpec, Params, RoundDone, RoundPlan, Shard, Tensor
@@ -33,6 +36,7 @@ from pangea.training import Diverged, batch_rows, evaluate, make_optimizer, tota
 
 log = logging.getLogger(__name__)
 SENDER = "orchestrator"
+WIRE_DTYPES = {"none": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8", "topk": "float32"}
 LATEST = "latest"  # the checkpoint a restarted orchestrator resumes from
 
 
@@ -93,6 +97,8 @@ class Orchestrator:
             momentum=self.settings.momentum,
             weight_decay=self.settings.weight_decay,
             source_job=self.settings.source_job or "",
+            compression=self.settings.compression,
+            topk_fraction=self.settings.topk_fraction,
         )
         kv = await self.bus.kv(subjects.job_bucket(self.job))
         self._job_kv = kv
@@ -382,7 +388,7 @@ class Orchestrator:
             return self._reject(exc.reason, str(exc))
         try:
             self._check(plan, grad)
-            acc.add(grad.shard, grad.num_samples, grad.loss, grad.chunk, grad.values.numpy())
+            acc.add(grad.shard, grad.num_samples, grad.loss, grad.chunk, self._values(grad))
         except Rejected as exc:
             if exc.reason == "non_finite":
                 self._non_finite.setdefault(grad.shard, set()).add(grad.sender)
@@ -418,8 +424,29 @@ class Orchestrator:
             raise Rejected("stale_params", f"computed on version {grad.params_version}, need {plan.round}")
         if grad.values.name != GRADIENT_TENSOR:
             raise Rejected("wrong_name", f"tensor {grad.values.name!r}, expected {GRADIENT_TENSOR!r}")
-        if grad.values.dtype != "float32":
-            raise Rejected("wrong_dtype", f"{grad.values.dtype}, expected float32")
+        if grad.compression != self.settings.compression:
+            raise Rejected("wrong_compression", f"{grad.compression!r}, the job uses {self.settings.compression!r}")
+        if grad.values.dtype != WIRE_DTYPES[grad.compression]:
+            raise Rejected("wrong_dtype", f"{grad.values.dtype}, expected {WIRE_DTYPES[grad.compression]}")
+
+    def _values(self, grad: Gradient) -> np.ndarray:
+        """The chunk's float32 values, decompressed; malformed compressed data is refused."""
+        if grad.compression == "none":
+            return grad.values.numpy()
+        start, stop = bounds(grad.chunk.total, max(1, grad.chunk.count), min(grad.chunk.index, max(0, grad.chunk.count - 1)))
+        size = stop - start
+        values = grad.values.numpy().reshape(-1)
+        if grad.compression == "bf16":
+            values = values.view(np.uint16)
+        indices = grad.indices.numpy().reshape(-1) if grad.compression == "topk" else None
+        if grad.compression == "topk":
+            if grad.indices.dtype != "uint32" or indices.shape != values.shape or (indices.size and indices.max() >= size):
+                raise Rejected("wrong_shape", "top-k indices do not match the values or the chunk")
+        elif values.size != size:
+            raise Rejected("wrong_shape", f"{values.size} compressed values for a chunk of {size}")
+        if grad.compression == "int8" and not (np.isfinite(grad.scale) and grad.scale > 0):
+            raise Rejected("non_finite", f"int8 scale {grad.scale}")
+        return decompress(Compressed(grad.compression, values, size, grad.scale, indices))
 
     # ------------------------------------------------------------------ publishing
 

@@ -24,6 +24,7 @@ from pangea import codec, telemetry
 from pangea.bus import subjects
 from pangea.bus.client import Bus, BusError, Puller
 from pangea.chunking import Assembler, split
+from pangea.compress import ErrorFeedback
 from pangea.layout import Layout
 from pangea.messages import GRADIENT_TENSOR, Batch, Gradient, Heartbeat, Params, Tensor
 from pangea.models import build_model
@@ -70,6 +71,8 @@ class Worker:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         spec = await wait_for_job_spec(self.bus)
+        self.spec = spec
+        self.feedback: ErrorFeedback | None = None  # lossy compression: what was not sent yet
         self.model = build_model(spec.model, spec.input_shape, spec.num_classes, spec.hidden, spec.seed).to(self.device)
         self.model.train()
         self.layout = Layout.of(self.model)
@@ -127,12 +130,14 @@ class Worker:
         finally:
             keepalive.cancel()
         subject = subjects.grads(self.job)
+        chunks = list(split(flat, self.bus.chunk_bytes))
+        packed = self._compress(flat, chunks)
 
         def items():
-            for chunk, values in split(flat, self.bus.chunk_bytes):
+            for (chunk, _), (values, scale, indices) in zip(chunks, packed):
                 msg = Gradient(
                     self.job, self.id, batch.round, batch.shard, batch.stop - batch.start, loss,
-                    self.stamp[1], chunk, Tensor.from_numpy(values, GRADIENT_TENSOR), self.stamp[0],
+                    self.stamp[1], chunk, values, self.stamp[0], self.spec.compression, scale, indices,
                 )
                 msg_id = f"grad:{batch.generation}:{batch.round}:{batch.shard}:{chunk.index}"
                 yield subject, codec.encode(msg), msg_id
@@ -140,6 +145,24 @@ class Worker:
         await self.bus.publish(items())
         self.shards_done += 1
         telemetry.SHARDS.inc()
+
+    def _compress(self, flat: np.ndarray, chunks: list) -> list[tuple[Tensor, float, Tensor]]:
+        """(values, scale, indices) per chunk, compressed as the job says, with error feedback."""
+        none = Tensor("uint32", (0,), memoryview(b""))
+        if self.spec.compression == "none":
+            return [(Tensor.from_numpy(values, GRADIENT_TENSOR), 1.0, none) for _, values in chunks]
+        if self.feedback is None:
+            self.feedback = ErrorFeedback(self.spec.compression, self.spec.topk_fraction)
+        slices = [(c.offset, c.offset + v.shape[0]) for c, v in chunks]
+        out = []
+        for c in self.feedback.compress_slices(flat, slices):
+            if c.kind == "bf16":
+                values = Tensor("bfloat16", c.values.shape, memoryview(c.values).cast("B"), GRADIENT_TENSOR)
+            else:
+                values = Tensor.from_numpy(c.values, GRADIENT_TENSOR)
+            indices = Tensor.from_numpy(c.indices) if c.indices is not None else none
+            out.append((values, c.scale, indices))
+        return out
 
     @staticmethod
     async def _keep_in_progress(delivery, period: float = 10.0) -> None:
