@@ -47,6 +47,9 @@ class BusSettings(_Base):
         1 << 20, ge=4096, description="largest tensor chunk per message (capped by the server's max payload)"
     )
     publish_window: int = Field(64, ge=1, description="JetStream publishes in flight per process")
+    publish_window_bytes: int = Field(
+        4 << 20, ge=1, description="bytes of JetStream publishes in flight per process (at least one message)"
+    )
     storage: Literal["file", "memory"] = Field("file", description="JetStream storage for the job's streams")
     replicas: int = Field(1, ge=1, le=5, description="JetStream replicas of the job's streams and buckets (clusters)")
     batch_retention_hours: float = Field(
