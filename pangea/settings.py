@@ -186,11 +186,3 @@ def load(cls: type[_Base], **overrides) -> _Base:
         value = given.get(field, err.get("input"))
         raise SettingsError(f"invalid setting {source} = {value!r}: {err['msg']}") from None
 
-
-def describe(cls: type[_Base]) -> list[tuple[str, str, str]]:
-    """(env var, default, description) for every field: the README's configuration table."""
-    rows = []
-    for name, info in cls.model_fields.items():
-        default = info.default if info.default is not None else "(unset)"
-        rows.append((f"PANGEA_{name.upper()}", str(default), info.description or ""))
-    return rows

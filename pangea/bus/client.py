@@ -69,10 +69,6 @@ class Delivery:
     subject: str
     _msgs: list = field(default_factory=list, repr=False)
 
-    @property
-    def sequence(self) -> int:
-        return self._msgs[-1].metadata.sequence.stream
-
     async def ack(self) -> None:
         """Acknowledge; if the connection is down the ack is lost and the message comes back,
         which every role handles as a duplicate."""
@@ -179,7 +175,6 @@ class Bus:
         self.job = settings.job
         self.nc = nc
         self.js = js
-        self.reconnects = 0
         self.closing = False
 
     @classmethod
@@ -201,8 +196,6 @@ class Bus:
 
         async def on_reconnect() -> None:
             telemetry.RECONNECTS.inc()
-            if "bus" in holder:
-                holder["bus"].reconnects += 1
             log.warning("reconnected to NATS")
 
         try:

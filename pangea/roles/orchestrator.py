@@ -101,7 +101,6 @@ class Orchestrator:
             topk_fraction=self.settings.topk_fraction,
         )
         kv = await self.bus.kv(subjects.job_bucket(self.job))
-        self._job_kv = kv
         # Each orchestrator that runs the job is a new generation: its plans and parameters
         # supersede those of a predecessor, even for a round number it already reached.
         previous = await self.bus.kv_get(subjects.job_bucket(self.job), "generation")
