@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--clip-norm", help="clip each shard gradient to this L2 norm first (0: off)")
     run.add_argument("--policy", help="exact (re-issue slow shards) or quorum (close rounds without them)")
     run.add_argument("--straggler-deadline", help="seconds a round waits for a shard (0: adaptive)")
+    run.add_argument("--shards", help="orchestrator shards: S processes each average one slice (default 1)")
     _bus_flags(run, "job name (default: generated)")
 
     ref = command("reference", "train in one plain process with no bus: the yardstick for exactness")
@@ -113,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--clip-norm", help="clip each shard gradient to this L2 norm first (0: off)")
     orch.add_argument("--policy", help="exact (re-issue slow shards) or quorum (close rounds without them)")
     orch.add_argument("--straggler-deadline", help="seconds a round waits for a shard (0: adaptive)")
+    orch.add_argument("--shards", help="orchestrator shards: S processes each average one slice (default 1)")
     _bus_flags(orch)
+
+    red = command("reducer", "run orchestrator shard S of a job started with --shards: averages one slice of the gradient")
+    red.add_argument("--shard", help="which slice this process averages: 1 .. shards-1")
+    _bus_flags(red)
 
     pre = command("preprocessor", "run the preprocessor role: publishes each worker's shards")
     pre.add_argument("--dataset", help="override the job's dataset path on this host")
@@ -300,6 +306,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from pangea.roles.orchestrator import Orchestrator
 
         return _role("orchestrator", cfg.load(cfg.OrchestratorSettings, **over), Orchestrator)
+    if args.command == "reducer":
+        from pangea.roles.reducer import Reducer
+
+        return _role("reducer", cfg.load(cfg.ReducerSettings, **over), Reducer)
     if args.command == "preprocessor":
         from pangea.roles.preprocessor import Preprocessor
 

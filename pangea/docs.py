@@ -13,6 +13,7 @@ _CLASSES = [
     (s.TrainSettings, "run, reference, orchestrator"),
     (s.OrchestratorSettings, "orchestrator, run"),
     (s.PreprocessorSettings, "preprocessor"),
+    (s.ReducerSettings, "reducer"),
     (s.WorkerSettings, "worker"),
     (s.RunSettings, "run"),
     (s.ReferenceSettings, "reference"),

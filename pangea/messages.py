@@ -206,6 +206,7 @@ class JobSpec:
     source_job: str = ""
     compression: str = "none"
     topk_fraction: float = 0.01
+    shards: int = 1  # orchestrator shards (0 from an older writer means 1)
 
 
 @dataclass(frozen=True)

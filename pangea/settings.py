@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -124,6 +124,26 @@ class OrchestratorSettings(BusSettings, TrainSettings):
     checkpoint_every: int = Field(10, ge=0, description="store a checkpoint every N rounds (0: only at the end)")
     checkpoint_keep: int = Field(10, ge=1, description="per-round checkpoints kept for replays (the latest is always kept)")
     from_round: int = Field(0, ge=0, description="replay: start at the source's checkpoint at or before this round")
+    shards: int = Field(
+        1, ge=1, le=16, description="orchestrator shards: S processes each average one slice of the gradient"
+    )
+
+    @field_validator("shards")
+    @classmethod
+    def _shardable(cls, value: int, info: ValidationInfo) -> int:
+        if value > 1:
+            data = info.data
+            if data.get("aggregator", "mean") != "mean" or data.get("clip_norm", 0) > 0:
+                raise ValueError("orchestrator shards need --aggregator mean and no --clip-norm (they see one slice each)")
+            if data.get("policy", "exact") != "exact":
+                raise ValueError("orchestrator shards need --policy exact (every shard must close the same rounds)")
+        return value
+
+
+class ReducerSettings(BusSettings):
+    """An orchestrator shard: averages slice `shard` of every round's gradient."""
+
+    shard: int = Field(1, ge=1, le=15, description="which slice of the parameter vector this shard averages (1..S-1)")
 
 
 class PreprocessorSettings(BusSettings):

@@ -197,7 +197,7 @@ class Supervisor:
         """With --secure: a user per role (and per worker) with least-privilege permissions."""
         if not self.settings.secure:
             return ""
-        self.users = security.job_users(self.job, [f"w{i}" for i in range(self.settings.workers)])
+        self.users = security.job_users(self.job, [f"w{i}" for i in range(self.settings.workers)], self.settings.shards)
         return security.authorization_block(self.users)
 
     def _login(self, user: str) -> dict[str, str]:
@@ -211,6 +211,8 @@ class Supervisor:
         threads = max(1, (os.cpu_count() or 1) // workers)
         orchestrator = self.spawn("orchestrator", "orchestrator", {**env, **self._login("orchestrator")})
         self.spawn("preprocessor", "preprocessor", {**env, **self._login("preprocessor")})
+        for shard in range(1, self.settings.shards):
+            self.spawn(f"shard-{shard}", "reducer", {**env, "PANGEA_SHARD": str(shard), **self._login(f"shard-{shard}")})
         for i in range(workers):
             self.spawn(
                 f"worker-{i}", "worker",

@@ -148,6 +148,7 @@ struct JobSpec {
   sourceJob @16 :Text;    # a replay: the job whose stored batches it trains on
   compression @17 :Text;  # how workers compress gradients
   topkFraction @18 :Float64;
+  shards @19 :UInt16;     # orchestrator shards: each reduces one slice of the gradient (0 or 1: none)
 }
 
 # Published by the orchestrator after each optimizer step (progress, status).

@@ -131,6 +131,6 @@ def test_infra_secure_config_is_generated_and_valid(tmp_path):
 
     path = REPO / "infra" / "nats" / "pangea-secure.conf"
     assert path.read_text() == security.server_config("digits"), "regenerate: python -m pangea.bus.security --job digits"
-    env = {"PATH": "/usr/bin:/bin", **{f"PANGEA_{r}_PASSWORD": "x" for r in ("ORCHESTRATOR", "PREPROCESSOR", "OBSERVER", "WORKER")}}
+    env = {"PATH": "/usr/bin:/bin", **{f"PANGEA_{r}_PASSWORD": "x" for r in ("ORCHESTRATOR", "PREPROCESSOR", "OBSERVER", "WORKER", "REDUCER")}}
     check = subprocess.run([find_binary(), "-c", str(path), "-t"], env=env, capture_output=True, text=True)
     assert check.returncode == 0 and "is valid" in check.stdout + check.stderr

@@ -274,7 +274,7 @@ class Bus:
             ),
             api.StreamConfig(
                 name=subjects.stream(job, "grads"),
-                subjects=[subjects.grads(job)],
+                subjects=[subjects.grads(job), subjects.shard_grads(job), subjects.reduced(job)],
                 storage=storage,
                 retention=api.RetentionPolicy.WORK_QUEUE,
                 duplicate_window=DUPLICATE_WINDOW,

@@ -17,16 +17,27 @@ from pangea.bus import subjects
 API = "$JS.API"
 _COMMON_PUBLISH = [f"{API}.INFO", f"{API}.STREAM.INFO.>", f"{API}.DIRECT.GET.>", f"{API}.STREAM.MSG.GET.>"]
 _COMMON_SUBSCRIBE = ["_INBOX.>"]
+MAX_SHARDS = 16  # settings.OrchestratorSettings.shards allows at most this many
 
 
-def role_permissions(job: str, role: str, worker: str | None = None) -> dict[str, list[str]]:
-    """{"publish": [...], "subscribe": [...]} for one role of one job (worker None: any worker id)."""
+def role_permissions(job: str, role: str, worker: str | None = None, shard: int | None = None) -> dict[str, list[str]]:
+    """{"publish": [...], "subscribe": [...]} for one role of one job (worker None: any worker id;
+    shard None: any orchestrator shard)."""
     batches, params = subjects.stream(job, "batches"), subjects.stream(job, "params")
     if role == "orchestrator":  # owns the job: creates its streams, buckets and consumers
         publish = [f"{API}.>", subjects.plans(job), subjects.params(job), subjects.rounds(job), "$JS.ACK.>",
                    f"$KV.{subjects.job_bucket(job)}.>", f"$KV.{subjects.members_bucket(job)}.>",
                    f"$O.{subjects.checkpoint_bucket(job)}.>"]
-        return {"publish": publish, "subscribe": [*_COMMON_SUBSCRIBE, subjects.grads(job)]}
+        return {"publish": publish, "subscribe": [*_COMMON_SUBSCRIBE, subjects.grads(job), subjects.reduced(job)]}
+    if role == "reducer":  # orchestrator shards: read plans and their gradient slice, publish its mean
+        names = [f"shard-{shard}"] if shard else [f"shard-{i}" for i in range(1, MAX_SHARDS)]
+        publish = [*_COMMON_PUBLISH, subjects.reduced(job)]
+        for name, stream, subject in [(n, *where) for n in names for where in (
+                (subjects.stream(job, "plans"), subjects.plans(job)),
+                (subjects.stream(job, "grads"), subjects.grads(job, int(n.split("-")[1]))))]:
+            publish += [f"{API}.CONSUMER.CREATE.{stream}.{name}.{subject}", f"{API}.CONSUMER.INFO.{stream}.{name}",
+                        f"{API}.CONSUMER.MSG.NEXT.{stream}.{name}", f"$JS.ACK.{stream}.{name}.>"]
+        return {"publish": publish, "subscribe": list(_COMMON_SUBSCRIBE)}
     if role == "preprocessor":
         plans = subjects.stream(job, "plans")
         publish = [*_COMMON_PUBLISH, subjects.batches(job), f"{API}.CONSUMER.CREATE.{plans}.preprocessor.>",
@@ -37,7 +48,7 @@ def role_permissions(job: str, role: str, worker: str | None = None) -> dict[str
         me = worker or "*"
         own = [(batches, subjects.worker_consumer(me), subjects.batches(job, me)),
                (params, f"params-{me}", subjects.params(job))]
-        publish = [*_COMMON_PUBLISH, subjects.grads(job), f"$KV.{subjects.members_bucket(job)}.{me}"]
+        publish = [*_COMMON_PUBLISH, subjects.grads(job), subjects.shard_grads(job), f"$KV.{subjects.members_bucket(job)}.{me}"]
         for stream, consumer, subject in own:
             publish += [f"{API}.CONSUMER.CREATE.{stream}.{consumer}.{subject}", f"{API}.CONSUMER.INFO.{stream}.{consumer}",
                         f"{API}.CONSUMER.MSG.NEXT.{stream}.{consumer}", f"$JS.ACK.{stream}.{consumer}.>"]
@@ -63,11 +74,13 @@ def authorization_block(users: dict[str, tuple[str, dict[str, list[str]]]]) -> s
     return "authorization {\n  users = [\n" + "\n".join(entries) + "\n  ]\n}\n"
 
 
-def job_users(job: str, workers: list[str]) -> dict[str, tuple[str, dict[str, list[str]]]]:
-    """A user with a fresh password per role of the job, one per worker id."""
+def job_users(job: str, workers: list[str], shards: int = 1) -> dict[str, tuple[str, dict[str, list[str]]]]:
+    """A user with a fresh password per role of the job, one per worker id and per orchestrator shard."""
     users = {role: (new_password(), role_permissions(job, role)) for role in ("orchestrator", "preprocessor", "observer")}
     for worker in workers:
         users[worker] = (new_password(), role_permissions(job, "worker", worker))
+    for shard in range(1, shards):
+        users[f"shard-{shard}"] = (new_password(), role_permissions(job, "reducer", shard=shard))
     return users
 
 
@@ -81,7 +94,7 @@ def server_config(job: str) -> str:
     """
     users = {
         role: (f"${'PANGEA_' + role.upper() + '_PASSWORD'}", role_permissions(job, role))
-        for role in ("orchestrator", "preprocessor", "observer", "worker")
+        for role in ("orchestrator", "preprocessor", "observer", "worker", "reducer")
     }
     block = _unquote_variables(authorization_block(users))
     return (
@@ -89,7 +102,7 @@ def server_config(job: str) -> str:
         f"#   python -m pangea.bus.security --job {job}\n"
         "# Start with the passwords in the environment, e.g.\n"
         "#   PANGEA_ORCHESTRATOR_PASSWORD=... PANGEA_PREPROCESSOR_PASSWORD=... PANGEA_OBSERVER_PASSWORD=... \\\n"
-        "#   PANGEA_WORKER_PASSWORD=... nats-server -c pangea-secure.conf\n"
+        "#   PANGEA_WORKER_PASSWORD=... PANGEA_REDUCER_PASSWORD=... nats-server -c pangea-secure.conf\n"
         "# and give each role PANGEA_NATS_USER=<role> PANGEA_NATS_PASSWORD=<its password>.\n"
         'listen: "0.0.0.0:4222"\n'
         'http: "0.0.0.0:8222"\n'

@@ -17,8 +17,20 @@ def batches(job: str, worker: str = "*") -> str:
     return f"{PREFIX}.{job}.batches.{worker}"
 
 
-def grads(job: str) -> str:
-    return f"{PREFIX}.{job}.grads"
+def grads(job: str, shard: int = 0) -> str:
+    """Gradient chunks of slice `shard` of the parameter vector: slice 0 goes to the
+    orchestrator, slice s > 0 to orchestrator shard s (`pangea reducer --shard s`)."""
+    return f"{PREFIX}.{job}.grads" + (f".{shard}" if shard else "")
+
+
+def shard_grads(job: str) -> str:
+    """Every orchestrator shard's gradient subject (slices 1 and up)."""
+    return f"{PREFIX}.{job}.grads.*"
+
+
+def reduced(job: str) -> str:
+    """Orchestrator shards' averaged slices, for the orchestrator."""
+    return f"{PREFIX}.{job}.reduced"
 
 
 def params(job: str) -> str:

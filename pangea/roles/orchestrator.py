@@ -23,20 +23,20 @@ from pangea.aggregate import Rejected, RoundAccumulator, split_batch
 from pangea.bus import subjects
 from pangea.bus.client import Bus, BusError, Delivery
 from pangea.checkpoint import Checkpoint
-from pangea.chunking import bounds, split
-from pangea.compress import Compressed, decompress
+from pangea.chunking import split
 from pangea.data import load_dataset, position, steps_per_epoch
 from pangea.layout import Layout
-from pangea.messages import GRADIENT_TENSOR, Gradient, Heartbeat, JobSpec, Params, RoundDone, RoundPlan, Shard, Tensor
+from pangea.messages import Gradient, Heartbeat, JobSpec, Params, RoundDone, RoundPlan, Shard, Tensor
 from pangea.models import build_model
 from pangea.outputs import Metrics, write_outputs
 from pangea.planning import adaptive_deadline, pick_replacements
+from pangea.roles import intake
+from pangea.roles.slices import Slices
 from pangea.settings import OrchestratorSettings
 from pangea.training import Diverged, batch_rows, evaluate, make_optimizer, total_rounds
 
 log = logging.getLogger(__name__)
 SENDER = "orchestrator"
-WIRE_DTYPES = {"none": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8", "topk": "float32"}
 LATEST = "latest"  # the checkpoint a restarted orchestrator resumes from
 
 
@@ -65,6 +65,7 @@ class Orchestrator:
         self._attempt = 0
         self._clean_seconds: list[float] = []  # durations of rounds that needed no re-issue
         self._non_finite: dict[int, set[str]] = {}  # shard -> senders of NaN/Inf gradients this round
+        self.slices = Slices(self.layout.numel, settings.shards)  # slice 0 ours, the rest the shards'
 
     # ------------------------------------------------------------------ setup
 
@@ -99,6 +100,7 @@ class Orchestrator:
             source_job=self.settings.source_job or "",
             compression=self.settings.compression,
             topk_fraction=self.settings.topk_fraction,
+            shards=self.settings.shards,
         )
         kv = await self.bus.kv(subjects.job_bucket(self.job))
         # Each orchestrator that runs the job is a new generation: its plans and parameters
@@ -112,6 +114,8 @@ class Orchestrator:
         elif self.settings.source_job and self.settings.from_round > 0:
             await self.start_from_source(self.settings.from_round)
         self._grads = await self.bus.pull("grads", subjects.grads(self.job), durable="orchestrator", batch=256)
+        if self.slices.count > 1:
+            self._reduced = await self.bus.pull("grads", subjects.reduced(self.job), durable="orchestrator-reduced", batch=256)
         self._backlog = await self.bus.pull(
             "batches", subjects.batches(self.job), durable=subjects.BACKLOG_CONSUMER, batch=512,
             headers_only=True,  # counting and acknowledging needs no payload
@@ -235,7 +239,8 @@ class Orchestrator:
         await self.publish_plan(plan)
 
         robust = self.settings.aggregator != "mean" or self.settings.clip_norm > 0
-        acc = RoundAccumulator(r, self.layout.numel, {i: s.size for i, s in enumerate(shards)}, keep_rows=robust)
+        acc = RoundAccumulator(r, self.slices.size(0), {i: s.size for i, s in enumerate(shards)}, keep_rows=robust)
+        self.slices.new_round(r)
         await self.collect(plan, acc)
         if robust:
             mean = acc.robust(self.settings.aggregator, self.settings.byzantine, self.settings.clip_norm)
@@ -247,7 +252,7 @@ class Orchestrator:
                         f"(missing shards {acc.missing()})")
             self.metrics.quorum_rounds.append({"round": r, "samples": acc.complete_samples(), "planned": rows})
 
-        self.layout.set_grads(self.model, mean)
+        self.layout.set_grads(self.model, self.slices.join(mean))
         self.optimizer.step()
         if not all(bool(p.isfinite().all()) for p in self.layout.params(self.model)):
             raise Diverged(
@@ -328,30 +333,40 @@ class Orchestrator:
         self._attempt = 0
         now = time.monotonic()
         deadline, next_check, warn_at = now + self.deadline(), now + 0.5, now + self.settings.round_warn_seconds
-        while not acc.complete:
-            delivery = await self._grads.next(timeout=0.2)
-            if delivery is not None:
-                self.intake(plan, acc, delivery)
-                await delivery.ack()
-                if acc.complete:
-                    break
+        while not (acc.complete and self.slices.complete):
+            if not acc.complete:
+                delivery = await self._grads.next(timeout=0.2 if self.slices.complete else 0.05)
+                if delivery is not None:
+                    self.intake(plan, acc, delivery)
+                    await delivery.ack()
+            if not self.slices.complete:
+                delivery = await self._reduced.next(timeout=0.2 if acc.complete else 0.05)
+                if delivery is not None:
+                    self._reject_reduced(self.slices.add(plan, self.generation, delivery.payload, self.bus.max_payload))
+                    await delivery.ack()
+            if acc.complete and self.slices.complete:
+                break
+            # A worker that died while publishing may have sent our slice but not a shard's:
+            # once ours is complete, every shard of the round is a suspect until the rest arrive.
+            suspects = acc.missing() or (list(range(len(plan.shards))) if not self.slices.complete else [])
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + 0.5
                 live = await self.members()
                 self._check_divergence(plan, acc, live)
-                gone = {s: owners[s] for s in acc.missing() if owners[s] not in live}
+                gone = {s: owners[s] for s in suspects if owners[s] not in live}
                 if gone:
                     await self.reissue(plan, owners, gone, live, acc, "left the job")
             if now >= deadline:
                 if self.settings.policy == "quorum" and acc.complete_samples() > 0:
                     self._late.update((plan.round, s) for s in acc.missing())
                     return
-                slow = {s: owners[s] for s in acc.missing()}
+                slow = {s: owners[s] for s in suspects}
                 await self.reissue(plan, owners, slow, await self.members(), acc, "missed the deadline")
                 deadline = now + self.deadline()
             if now >= warn_at:
-                log.warning("round %d still waiting for %s", plan.round, ", ".join(owners[s] for s in acc.missing()))
+                waiting = [owners[s] for s in acc.missing()] + self.slices.missing_names()
+                log.warning("round %d still waiting for %s", plan.round, ", ".join(waiting))
                 warn_at = now + self.settings.round_warn_seconds
 
     async def reissue(
@@ -387,7 +402,7 @@ class Orchestrator:
             return self._reject(exc.reason, str(exc))
         try:
             self._check(plan, grad)
-            acc.add(grad.shard, grad.num_samples, grad.loss, grad.chunk, self._values(grad))
+            acc.add(grad.shard, grad.num_samples, grad.loss, grad.chunk, intake.values(grad))
         except Rejected as exc:
             if exc.reason == "non_finite":
                 self._non_finite.setdefault(grad.shard, set()).add(grad.sender)
@@ -405,47 +420,10 @@ class Orchestrator:
             )
 
     def _check(self, plan: RoundPlan, grad: Gradient) -> None:
-        if grad.job != self.job:
-            raise Rejected("wrong_job", f"gradient for job {grad.job!r}")
-        if grad.generation != self.generation:
-            raise Rejected("stale_generation", f"generation {grad.generation}, current {self.generation}")
-        if grad.sender not in self.known_members and not any(grad.sender in a for a in self.assigned.values()):
-            raise Rejected("unknown_sender", f"{grad.sender!r} is not a member of the job")
-        if grad.round < plan.round:
-            if (grad.round, grad.shard) in self._late:
-                raise Rejected("straggler_late", f"round {grad.round} shard {grad.shard} was re-issued or dropped")
-            raise Rejected("stale_round", f"round {grad.round}, current {plan.round}")
-        if grad.round > plan.round:
-            raise Rejected("future_round", f"round {grad.round}, current {plan.round}")
-        if grad.sender not in self.assigned.get(grad.shard, ()):
-            raise Rejected("not_their_shard", f"shard {grad.shard} of round {plan.round} is not theirs")
-        if grad.params_version != plan.round:
-            raise Rejected("stale_params", f"computed on version {grad.params_version}, need {plan.round}")
-        if grad.values.name != GRADIENT_TENSOR:
-            raise Rejected("wrong_name", f"tensor {grad.values.name!r}, expected {GRADIENT_TENSOR!r}")
-        if grad.compression != self.settings.compression:
-            raise Rejected("wrong_compression", f"{grad.compression!r}, the job uses {self.settings.compression!r}")
-        if grad.values.dtype != WIRE_DTYPES[grad.compression]:
-            raise Rejected("wrong_dtype", f"{grad.values.dtype}, expected {WIRE_DTYPES[grad.compression]}")
-
-    def _values(self, grad: Gradient) -> np.ndarray:
-        """The chunk's float32 values, decompressed; malformed compressed data is refused."""
-        if grad.compression == "none":
-            return grad.values.numpy()
-        start, stop = bounds(grad.chunk.total, max(1, grad.chunk.count), min(grad.chunk.index, max(0, grad.chunk.count - 1)))
-        size = stop - start
-        values = grad.values.numpy().reshape(-1)
-        if grad.compression == "bf16":
-            values = values.view(np.uint16)
-        indices = grad.indices.numpy().reshape(-1) if grad.compression == "topk" else None
-        if grad.compression == "topk":
-            if grad.indices.dtype != "uint32" or indices.shape != values.shape or (indices.size and indices.max() >= size):
-                raise Rejected("wrong_shape", "top-k indices do not match the values or the chunk")
-        elif values.size != size:
-            raise Rejected("wrong_shape", f"{values.size} compressed values for a chunk of {size}")
-        if grad.compression == "int8" and not (np.isfinite(grad.scale) and grad.scale > 0):
-            raise Rejected("non_finite", f"int8 scale {grad.scale}")
-        return decompress(Compressed(grad.compression, values, size, grad.scale, indices))
+        intake.check(
+            grad, plan, job=self.job, generation=self.generation, compression=self.settings.compression,
+            assigned=self.assigned, members=self.known_members, late=self._late,
+        )
 
     # ------------------------------------------------------------------ publishing
 
@@ -467,6 +445,10 @@ class Orchestrator:
         await self.bus.publish(items())
 
     # ------------------------------------------------------------------ bookkeeping
+
+    def _reject_reduced(self, refusal: tuple[str, str] | None) -> None:
+        if refusal is not None:
+            self._reject(*refusal)
 
     def _reject(self, reason: str, detail: str) -> bool:
         self.rejected[reason] += 1

@@ -23,10 +23,10 @@ import torch
 from pangea import codec, telemetry
 from pangea.bus import subjects
 from pangea.bus.client import Bus, BusError, Puller
-from pangea.chunking import Assembler, split
+from pangea.chunking import Assembler, bounds, split
 from pangea.compress import ErrorFeedback
 from pangea.layout import Layout
-from pangea.messages import GRADIENT_TENSOR, Batch, Gradient, Heartbeat, Params, Tensor
+from pangea.messages import GRADIENT_TENSOR, Batch, Chunk, Gradient, Heartbeat, Params, Tensor
 from pangea.models import build_model
 from pangea.roles.jobspec import wait_for_job_spec
 from pangea.settings import WorkerSettings
@@ -129,31 +129,44 @@ class Worker:
             flat, loss = await asyncio.to_thread(self._gradient, batch)
         finally:
             keepalive.cancel()
-        subject = subjects.grads(self.job)
-        chunks = list(split(flat, self.bus.chunk_bytes))
-        packed = self._compress(flat, chunks)
+        parts = self._parts(flat)
+        packed = self._compress(flat, parts)
 
         def items():
-            for (chunk, _), (values, scale, indices) in zip(chunks, packed):
+            for (slice_, lo, chunk, _), (values, scale, indices) in zip(parts, packed):
                 msg = Gradient(
                     self.job, self.id, batch.round, batch.shard, batch.stop - batch.start, loss,
                     self.stamp[1], chunk, values, self.stamp[0], self.spec.compression, scale, indices,
                 )
-                msg_id = f"grad:{batch.generation}:{batch.round}:{batch.shard}:{chunk.index}"
-                yield subject, codec.encode(msg), msg_id
+                msg_id = f"grad:{batch.generation}:{batch.round}:{batch.shard}:{slice_}:{chunk.index}"
+                yield subjects.grads(self.job, slice_), codec.encode(msg), msg_id
 
         await self.bus.publish(items())
         self.shards_done += 1
         telemetry.SHARDS.inc()
 
-    def _compress(self, flat: np.ndarray, chunks: list) -> list[tuple[Tensor, float, Tensor]]:
+    def _parts(self, flat: np.ndarray) -> list[tuple[int, int, Chunk, np.ndarray]]:
+        """(slice, slice start, chunk within the slice, values) covering the gradient.
+
+        Slice s of the vector goes to orchestrator shard s, chunked within the slice.  The
+        orchestrator's own slice 0 comes last: once it holds a shard's slice, the other
+        shards (almost always) hold theirs.
+        """
+        shards = max(1, self.spec.shards)
+        parts = []
+        for slice_ in reversed(range(shards)):
+            lo, hi = bounds(flat.shape[0], shards, slice_)
+            parts += [(slice_, lo, chunk, values) for chunk, values in split(flat[lo:hi], self.bus.chunk_bytes)]
+        return parts
+
+    def _compress(self, flat: np.ndarray, parts: list) -> list[tuple[Tensor, float, Tensor]]:
         """(values, scale, indices) per chunk, compressed as the job says, with error feedback."""
         none = Tensor("uint32", (0,), memoryview(b""))
         if self.spec.compression == "none":
-            return [(Tensor.from_numpy(values, GRADIENT_TENSOR), 1.0, none) for _, values in chunks]
+            return [(Tensor.from_numpy(values, GRADIENT_TENSOR), 1.0, none) for *_, values in parts]
         if self.feedback is None:
             self.feedback = ErrorFeedback(self.spec.compression, self.spec.topk_fraction)
-        slices = [(c.offset, c.offset + v.shape[0]) for c, v in chunks]
+        slices = [(lo + c.offset, lo + c.offset + v.shape[0]) for _, lo, c, v in parts]
         out = []
         for c in self.feedback.compress_slices(flat, slices):
             if c.kind == "bf16":
