@@ -57,6 +57,14 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", help="seed of model init and batch order")
     g.add_argument("--compression", help="none (exact), fp16, bf16, int8 or topk: gradients on the wire")
     g.add_argument("--topk-fraction", help="topk: fraction of each chunk's elements sent (default 0.01)")
+    m = p.add_argument_group("mode (same for run and reference)")
+    m.add_argument("--mode", help="sync (default), diloco (local steps + outer step) or async (bounded staleness)")
+    m.add_argument("--local-steps", help="diloco: inner steps per worker per round, H (default 20)")
+    m.add_argument("--inner-optimizer", help="diloco: adamw (default), adam or sgd")
+    m.add_argument("--inner-lr", help="diloco: inner learning rate (default 0.001)")
+    m.add_argument("--outer-lr", help="diloco: outer Nesterov SGD learning rate (default 0.7)")
+    m.add_argument("--outer-momentum", help="diloco: outer Nesterov SGD momentum (default 0.9)")
+    m.add_argument("--staleness", help="async: apply gradients at most this many updates old (default 2)")
 
 
 def _bus_flags(p: argparse.ArgumentParser, job_help: str = "job name") -> None:
@@ -102,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref = command("reference", "train in one plain process with no bus: the yardstick for exactness")
     _train_flags(ref)
     ref.add_argument("--out", help="output directory (default runs/reference)")
+    ref.add_argument("--workers", help="diloco: workers to simulate (default 2)")
 
     orch = command("orchestrator", "run the orchestrator role: model, optimizer, round plans")
     _train_flags(orch)

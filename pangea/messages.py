@@ -115,6 +115,8 @@ class Batch:
     x: Tensor
     y: Tensor
     generation: int = 0
+    inner: int = 0  # diloco: which local step of the round
+    inner_steps: int = 1  # diloco: local steps in the round
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ class RoundPlan:
     attempt: int = 0
     reissue: tuple[int, ...] = ()
     generation: int = 0
+    inner_steps: int = 1  # diloco: global batches (from epoch, step on) the round covers
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,7 @@ class Heartbeat:
     sent_at: float
     shards_done: int = 0
     params_version: int = 0
+    bytes_sent: int = 0
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,11 @@ class JobSpec:
     compression: str = "none"
     topk_fraction: float = 0.01
     shards: int = 1  # orchestrator shards (0 from an older writer means 1)
+    mode: str = "sync"
+    local_steps: int = 1
+    inner_optimizer: str = "adamw"
+    inner_lr: float = 0.001
+    staleness: int = 2
 
 
 @dataclass(frozen=True)

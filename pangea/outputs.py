@@ -28,6 +28,7 @@ class Metrics:
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
     events: list[dict] = field(default_factory=list)  # notable things: joins, leaves, reassignments
     quorum_rounds: list[dict] = field(default_factory=list)  # rounds closed without every sample
+    bytes_sent: dict[str, int] = field(default_factory=dict)  # worker -> gradient bytes it published
     total_seconds: float = 0.0
 
     def to_json(self) -> str:
@@ -35,6 +36,8 @@ class Metrics:
         data["samples_per_second"] = (
             sum(self.samples) / self.total_seconds if self.total_seconds > 0 else None
         )
+        # Per sample trained on (a diloco round trains on H global batches): comparable across modes.
+        data["bytes_per_sample"] = sum(self.bytes_sent.values()) / sum(self.samples) if self.bytes_sent and sum(self.samples) else None
         return json.dumps(_finite(data), indent=2, default=str)
 
 

@@ -63,6 +63,9 @@ class BusSettings(_Base):
     log_format: Literal["text", "json"] = Field("text", description="log lines as text or as JSON objects")
     heartbeat_seconds: float = Field(1.0, gt=0, description="worker heartbeat period")
     member_ttl: float = Field(10.0, gt=0, description="seconds without heartbeat before a worker is gone")
+    net_delay: float = Field(
+        0.0, ge=0, description="artificial delay in seconds before each publish of a message group (models a slow link)"
+    )
 
     @property
     def servers(self) -> list[str]:
@@ -86,6 +89,15 @@ class TrainSettings(_Base):
         "none", description="gradient compression on the wire (lossy ones use error feedback; none is exact)"
     )
     topk_fraction: float = Field(0.01, gt=0, le=1, description="topk: fraction of each chunk's elements sent")
+    mode: Literal["sync", "diloco", "async"] = Field(
+        "sync", description="sync: one step per global batch; diloco: local steps, then an outer step; async: apply gradients as they come"
+    )
+    local_steps: int = Field(20, ge=1, description="diloco: inner steps per worker per round (H)")
+    inner_optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="diloco: the workers' inner optimizer")
+    inner_lr: float = Field(0.001, gt=0, description="diloco: the inner optimizer's learning rate")
+    outer_lr: float = Field(0.7, gt=0, description="diloco: outer SGD (Nesterov) learning rate")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: outer SGD (Nesterov) momentum")
+    staleness: int = Field(2, ge=0, description="async: apply a gradient only if at most this many updates old")
 
     @field_validator("hidden")
     @classmethod
@@ -135,6 +147,8 @@ class OrchestratorSettings(BusSettings, TrainSettings):
             data = info.data
             if data.get("aggregator", "mean") != "mean" or data.get("clip_norm", 0) > 0:
                 raise ValueError("orchestrator shards need --aggregator mean and no --clip-norm (they see one slice each)")
+            if data.get("mode", "sync") == "async":
+                raise ValueError("orchestrator shards need --mode sync or diloco (async applies whole gradients one by one)")
             if data.get("policy", "exact") != "exact":
                 raise ValueError("orchestrator shards need --policy exact (every shard must close the same rounds)")
         return value
@@ -190,6 +204,8 @@ class ReplaySettings(BusSettings):
 
 class ReferenceSettings(TrainSettings):
     """`pangea reference`: the same training in one process with no bus."""
+
+    workers: int = Field(2, ge=1, description="diloco: how many workers the reference simulates")
 
     out: Path = Field(Path("runs/reference"), description="directory for params.npz, metrics.json, curves.png")
 

@@ -29,6 +29,12 @@ def total_rounds(settings: TrainSettings, dataset: Dataset) -> int:
     return settings.epochs * steps_per_epoch(len(dataset.x_train), settings.batch_size)
 
 
+def epochs_ended(global_steps: range, num_samples: int, batch_size: int) -> int:
+    """How many epochs end within these global steps (a diloco round may span several)."""
+    per_epoch = steps_per_epoch(num_samples, batch_size)
+    return sum(1 for g in global_steps if g % per_epoch == per_epoch - 1)
+
+
 def batch_rows(num_samples: int, batch_size: int, step: int) -> int:
     """Rows of global batch `step` (the last batch of an epoch may be short)."""
     return min(batch_size, num_samples - step * batch_size)

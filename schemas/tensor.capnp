@@ -68,6 +68,8 @@ struct Batch {
   x @8 :Tensor;
   y @9 :Tensor;
   generation @10 :UInt32;  # of the orchestrator that planned it (see RoundPlan)
+  inner @11 :UInt32;      # diloco: which of the round's local steps this batch is for
+  innerSteps @12 :UInt32; # diloco: local steps in the round (0 or 1: one step, as in sync)
 }
 
 # A worker's gradient of the mean loss on one shard, one chunk at a time.
@@ -115,6 +117,7 @@ struct RoundPlan {
   attempt @7 :UInt32;     # 0 for the first plan of a round, +1 for every re-issue
   reissue @8 :List(UInt32);  # attempt > 0: the shards to publish again (to their new worker)
   generation @9 :UInt32;  # +1 each time an orchestrator (re)starts the job: later plans win
+  innerSteps @10 :UInt32; # diloco: the round covers this many global batches from (epoch, step)
 }
 
 struct Heartbeat {
@@ -125,6 +128,7 @@ struct Heartbeat {
   sentAt @4 :Float64;     # unix seconds
   shardsDone @5 :UInt64;
   paramsVersion @6 :UInt64;
+  bytesSent @7 :UInt64;   # gradient bytes this worker published so far
 }
 
 # What a worker needs to join the job: stored in the job's KV bucket.
@@ -149,6 +153,11 @@ struct JobSpec {
   compression @17 :Text;  # how workers compress gradients
   topkFraction @18 :Float64;
   shards @19 :UInt16;     # orchestrator shards: each reduces one slice of the gradient (0 or 1: none)
+  mode @20 :Text;         # sync | diloco | async
+  localSteps @21 :UInt32; # diloco: inner steps per round (H)
+  innerOptimizer @22 :Text;
+  innerLr @23 :Float64;
+  staleness @24 :UInt32;  # async: the staleness bound s
 }
 
 # Published by the orchestrator after each optimizer step (progress, status).

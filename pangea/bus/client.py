@@ -430,12 +430,18 @@ class Bus:
     async def kv_items(self, bucket: str) -> dict[str, bytes]:
         """All live keys of a bucket and their values."""
 
+        # Keys come from the bucket stream's subject list, not `kv.keys()`: that one creates a
+        # consumer per call (they pile up on the server) and was seen to list only some keys
+        # while others were being written, which made live workers look gone.
+        prefix = f"$KV.{bucket}."
+
         async def items() -> dict[str, bytes]:
             try:
                 kv = await self.js.key_value(bucket)
-                keys = await kv.keys()
-            except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError, nats.js.errors.NotFoundError):
+                info = await self.js.stream_info(f"KV_{bucket}", subjects_filter=prefix + ">")
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
                 return {}
+            keys = sorted(subject[len(prefix):] for subject in (info.state.subjects or {}))
             found = {}
             for key in keys:
                 try:
@@ -517,6 +523,8 @@ class Bus:
         the server does not acknowledge is sent again (same msg id: stored once) until
         the retry budget runs out, then BusError.
         """
+        if self.settings.net_delay:  # PANGEA_NET_DELAY: a slow link's latency, for experiments
+            await asyncio.sleep(self.settings.net_delay)
         limit = self.max_payload - PAYLOAD_HEADROOM
         pending: deque = deque()
         sequences: list[int] = []

@@ -18,13 +18,13 @@ from dataclasses import asdict, replace
 
 import numpy as np
 
-from pangea import codec, telemetry
+from pangea import codec, diloco, telemetry
 from pangea.aggregate import Rejected, RoundAccumulator, split_batch
 from pangea.bus import subjects
 from pangea.bus.client import Bus, BusError, Delivery
 from pangea.checkpoint import Checkpoint
 from pangea.chunking import split
-from pangea.data import load_dataset, position, steps_per_epoch
+from pangea.data import load_dataset, position
 from pangea.layout import Layout
 from pangea.messages import Gradient, Heartbeat, JobSpec, Params, RoundDone, RoundPlan, Shard, Tensor
 from pangea.models import build_model
@@ -33,7 +33,7 @@ from pangea.planning import adaptive_deadline, pick_replacements
 from pangea.roles import intake
 from pangea.roles.slices import Slices
 from pangea.settings import OrchestratorSettings
-from pangea.training import Diverged, batch_rows, evaluate, make_optimizer, total_rounds
+from pangea.training import Diverged, batch_rows, epochs_ended, evaluate, make_optimizer, total_rounds
 
 log = logging.getLogger(__name__)
 SENDER = "orchestrator"
@@ -52,9 +52,16 @@ class Orchestrator:
             settings.model, self.dataset.input_shape, self.dataset.num_classes, settings.hidden_sizes, settings.seed
         )
         self.layout = Layout.of(self.model)
-        self.optimizer = make_optimizer(settings, self.layout.params(self.model))
+        if settings.mode == "diloco":  # the outer optimizer, applied to the mean pseudo-gradient
+            self.optimizer = diloco.outer_optimizer(settings.outer_lr, settings.outer_momentum, self.layout.params(self.model))
+        else:
+            self.optimizer = make_optimizer(settings, self.layout.params(self.model))
         self.num_samples = len(self.dataset.x_train)
-        self.total_rounds = total_rounds(settings, self.dataset)
+        self.total_steps = total_rounds(settings, self.dataset)  # global batches in the run
+        self.total_rounds = (
+            diloco.rounds(self.total_steps, settings.local_steps) if settings.mode == "diloco" else self.total_steps
+        )
+        self._bytes: dict[tuple[str, int], int] = {}  # (worker, pid) -> gradient bytes it published
         self.rejected: Counter[str] = Counter()
         self.metrics = Metrics(job=self.job, mode="run", settings=settings.model_dump(mode="json"))
         self.known_members: list[str] = []
@@ -101,6 +108,11 @@ class Orchestrator:
             compression=self.settings.compression,
             topk_fraction=self.settings.topk_fraction,
             shards=self.settings.shards,
+            mode=self.settings.mode,
+            local_steps=self.settings.local_steps,
+            inner_optimizer=self.settings.inner_optimizer,
+            inner_lr=self.settings.inner_lr,
+            staleness=self.settings.staleness,
         )
         kv = await self.bus.kv(subjects.job_bucket(self.job))
         # Each orchestrator that runs the job is a new generation: its plans and parameters
@@ -140,6 +152,7 @@ class Orchestrator:
                 continue
             if beat.worker == worker and beat.job == self.job:
                 live.append(worker)
+                self._bytes[worker, beat.pid] = max(self._bytes.get((worker, beat.pid), 0), beat.bytes_sent)
         return sorted(live)
 
     async def wait_for_members(self, minimum: int) -> list[str]:
@@ -215,6 +228,7 @@ class Orchestrator:
             for r in range(first, self.total_rounds):
                 await self.train_round(r)
             self.metrics.total_seconds = time.perf_counter() - started
+            await self.count_bytes()
         else:
             log.info("job %s had already finished all %d rounds", self.job, self.total_rounds)
         self.metrics.final_test_accuracy = self.metrics.test_accuracy[-1] if self.metrics.test_accuracy else float("nan")
@@ -231,15 +245,21 @@ class Orchestrator:
 
     async def train_round(self, r: int) -> None:
         t0 = time.perf_counter()
-        epoch, step = position(r, self.num_samples, self.settings.batch_size)
-        rows = batch_rows(self.num_samples, self.settings.batch_size, step)
+        n, size = self.num_samples, self.settings.batch_size
+        covered = self.round_steps(r)  # global batches: one (sync) or H (diloco)
+        epoch, step = position(covered[0], n, size)
+        rows = batch_rows(n, size, step)
         members = await self.current_members(r)
         shards = tuple(Shard(w, a, b) for w, a, b in split_batch(rows, members))
-        plan = RoundPlan(self.job, SENDER, r, epoch, step, rows, shards, generation=self.generation)
+        plan = RoundPlan(self.job, SENDER, r, epoch, step, rows, shards, generation=self.generation,
+                         inner_steps=len(covered))
         await self.publish_plan(plan)
+        # A shard's samples: its rows of every global batch the round covers.
+        sizes = {i: sum(b - a for a, b in (diloco.shard_rows(n, size, g, len(shards), i) for g in covered))
+                 for i in range(len(shards))}
 
         robust = self.settings.aggregator != "mean" or self.settings.clip_norm > 0
-        acc = RoundAccumulator(r, self.slices.size(0), {i: s.size for i, s in enumerate(shards)}, keep_rows=robust)
+        acc = RoundAccumulator(r, self.slices.size(0), sizes, keep_rows=robust)
         self.slices.new_round(r)
         await self.collect(plan, acc)
         if robust:
@@ -260,7 +280,8 @@ class Orchestrator:
                 "(lower --lr, or use a robust --aggregator if a worker may send poisoned gradients)"
             )
         seconds = time.perf_counter() - t0
-        epoch_done = step == steps_per_epoch(self.num_samples, self.settings.batch_size) - 1
+        ended = epochs_ended(covered, n, size)  # a diloco round may end several epochs
+        epoch_done = ended > 0
         accuracy = evaluate(self.model, self.dataset.x_test, self.dataset.y_test) if epoch_done else float("nan")
 
         self.metrics.loss.append(acc.loss())
@@ -269,8 +290,7 @@ class Orchestrator:
             self._clean_seconds.append(seconds)
         self.metrics.samples.append(acc.complete_samples())
         self.metrics.workers.append(len(shards))
-        if epoch_done:
-            self.metrics.test_accuracy.append(accuracy)
+        self.metrics.test_accuracy += [accuracy] * ended
         every = self.settings.checkpoint_every
         if every and (r + 1) % every == 0 and r + 1 < self.total_rounds:
             await self.checkpoint(r + 1)
@@ -291,7 +311,23 @@ class Orchestrator:
         await self.bus.kv_put(subjects.job_bucket(self.job), "round", payload)
         if epoch_done:
             log.info("epoch %d done (round %d/%d): loss %.4f, test accuracy %.4f",
-                     epoch + 1, r + 1, self.total_rounds, acc.loss(), accuracy)
+                     position(covered[-1], n, size)[0] + 1, r + 1, self.total_rounds, acc.loss(), accuracy)
+
+    async def count_bytes(self) -> None:
+        """Gradient bytes each worker sent, from their heartbeats: wait for one more beat each,
+        so that the last round's bytes are in (a restarted worker process counts from 0 again)."""
+        await asyncio.sleep(1.5 * self.settings.heartbeat_seconds)
+        await self.members()
+        per_worker: Counter[str] = Counter(self.metrics.bytes_sent)  # from before a resume
+        for (worker, _), sent in self._bytes.items():
+            per_worker[worker] += sent
+        self.metrics.bytes_sent = dict(sorted(per_worker.items()))
+
+    def round_steps(self, r: int) -> range:
+        """The global batches round r covers: r itself (sync), or H of them from r*H (diloco)."""
+        if self.settings.mode == "diloco":
+            return diloco.round_steps(r, self.settings.local_steps, self.total_steps)
+        return range(r, r + 1)
 
     async def _drain_backlog(self, every: float = 1.0) -> None:
         """Acknowledge, at most once a second, every batch published so far on the backlog

@@ -14,10 +14,10 @@ from collections import deque
 
 import numpy as np
 
-from pangea import codec
+from pangea import codec, diloco
 from pangea.bus import subjects
 from pangea.bus.client import Bus
-from pangea.data import DataError, global_batch, load_dataset
+from pangea.data import DataError, global_batch, load_dataset, position, steps_per_epoch
 from pangea.messages import Batch, JobSpec, RoundPlan, Tensor
 from pangea.roles.jobspec import wait_for_job_spec
 from pangea.settings import PreprocessorSettings
@@ -43,6 +43,12 @@ class DatasetSource:
         idx = global_batch(len(self.x), self.spec.batch_size, self.spec.seed, plan.epoch, plan.step)
         if len(idx) != plan.batch_size:
             raise DataError(f"plan {plan.round} asks for {plan.batch_size} rows, global batch has {len(idx)}")
+        return self.x[idx], self.y[idx]
+
+    def at(self, global_step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global batch number `global_step` of the run (diloco rounds cover several)."""
+        epoch, step = position(global_step, len(self.x), self.spec.batch_size)
+        idx = global_batch(len(self.x), self.spec.batch_size, self.spec.seed, epoch, step)
         return self.x[idx], self.y[idx]
 
 
@@ -129,6 +135,8 @@ class Preprocessor:
             await delivery.ack()
 
     async def publish_round(self, plan: RoundPlan) -> None:
+        if max(1, plan.inner_steps) > 1:
+            return await self.publish_local_round(plan)
         x, y = await self.source.global_batch(plan)
         chosen = plan.reissue if plan.attempt else range(len(plan.shards))
         items = []
@@ -141,6 +149,31 @@ class Preprocessor:
             )
             msg_id = f"batch:{plan.generation}:{plan.round}:{i}:{plan.attempt}"
             items.append((subjects.batches(self.job, shard.worker), codec.encode(batch), msg_id))
+        if plan.attempt:
+            log.info("round %d attempt %d: shards %s re-issued", plan.round, plan.attempt, list(plan.reissue))
+        sequences = await self.bus.publish(items)
+        await self._retain(plan, min(sequences))
+
+    async def publish_local_round(self, plan: RoundPlan) -> None:
+        """diloco: shard i of each of the round's global batches, in order, as one Batch each."""
+        if not isinstance(self.source, DatasetSource):
+            raise DataError("replaying a diloco job from its stored batches is not supported yet")
+        n, size = len(self.source.x), self.source.spec.batch_size
+        first = plan.epoch * steps_per_epoch(n, size) + plan.step
+        chosen = plan.reissue if plan.attempt else range(len(plan.shards))
+        items = []
+        for h in range(plan.inner_steps):
+            x, y = self.source.at(first + h)
+            for i in chosen:
+                worker = plan.shards[i].worker
+                a, b = diloco.shard_rows(n, size, first + h, len(plan.shards), i)
+                batch = Batch(
+                    self.job, SENDER, plan.round, plan.epoch, plan.step, worker, i, a, b,
+                    Tensor.from_numpy(x[a:b], "x"), Tensor.from_numpy(y[a:b], "y"), plan.generation,
+                    h, plan.inner_steps,
+                )
+                msg_id = f"batch:{plan.generation}:{plan.round}:{i}:{plan.attempt}:{h}"
+                items.append((subjects.batches(self.job, worker), codec.encode(batch), msg_id))
         if plan.attempt:
             log.info("round %d attempt %d: shards %s re-issued", plan.round, plan.attempt, list(plan.reissue))
         sequences = await self.bus.publish(items)

@@ -20,7 +20,7 @@ import uuid
 import numpy as np
 import torch
 
-from pangea import codec, telemetry
+from pangea import codec, diloco, telemetry
 from pangea.bus import subjects
 from pangea.bus.client import Bus, BusError, Puller
 from pangea.chunking import Assembler, bounds, split
@@ -60,6 +60,8 @@ class Worker:
         self.stamp = (-1, -1)  # (generation, version) of the parameters in the model
         self.final = False
         self.stopping = False
+        self.held: dict[tuple[int, int, int], dict[int, tuple[Batch, object]]] = {}  # diloco: a round's batches
+        self.bytes_sent = 0
 
     def request_stop(self) -> None:
         """Graceful leave (SIGTERM): finish the shard in hand, then leave the job."""
@@ -112,34 +114,80 @@ class Worker:
                 log.warning("rejected (malformed): batch: %s", exc)
                 await delivery.ack()
                 continue
+            if self.spec.mode == "async":
+                await self._async_batch(batch, delivery)
+                continue
+            if max(1, batch.inner_steps) > 1:
+                await self._drop_stale_held()
+                ready = self._hold(batch, delivery)
+                if ready is None:
+                    continue
+                batches, deliveries = ready
+            else:
+                batches, deliveries = [batch], [delivery]
             need = (batch.generation, batch.round)
             await self._read_params(until=need)
             if self.stopping and self.stamp < need:
                 await self.batches.close()  # hands the batch back: the orchestrator re-issues it
                 return
             if self.stamp == need:
-                await self._compute_and_publish(batch, delivery)
+                await self._compute_and_publish(batches, deliveries)
             else:
                 log.info("batch of round %s dropped: parameters are already at %s", need, self.stamp)
-            await delivery.ack()
+            for held in deliveries:
+                await held.ack()
 
-    async def _compute_and_publish(self, batch: Batch, delivery) -> None:
-        keepalive = asyncio.create_task(self._keep_in_progress(delivery))
+    def _hold(self, batch: Batch, delivery) -> tuple[list[Batch], list] | None:
+        """diloco: keep a round's batches until all its local steps are here; then all of them, in order."""
+        key = (batch.generation, batch.round, batch.shard)
+        self.held.setdefault(key, {})[batch.inner] = (batch, delivery)
+        if len(self.held[key]) < batch.inner_steps:
+            return None
+        steps = self.held.pop(key)
+        ordered = [steps[h] for h in sorted(steps)]
+        return [b for b, _ in ordered], [d for _, d in ordered]
+
+    async def _drop_stale_held(self) -> None:
+        """diloco: batches held for a round the parameters have moved past will never be used."""
+        for key in [k for k in self.held if k[:2] < self.stamp]:
+            for _, delivery in self.held.pop(key).values():
+                await delivery.ack()
+
+    async def _async_batch(self, batch: Batch, delivery) -> None:
+        """async: compute on the newest parameters there are (the orchestrator judges staleness)."""
+        await self._read_params(until=None, timeout=0.02)
+        if self.stamp[0] < batch.generation:
+            await self._read_params(until=(batch.generation, 0))
+        if self.stamp[0] == batch.generation:
+            await self._compute_and_publish([batch], [delivery])
+        else:
+            log.info("batch of generation %d dropped: parameters are at %s", batch.generation, self.stamp)
+        await delivery.ack()
+
+    async def _compute_and_publish(self, batches: list[Batch], deliveries: list) -> None:
+        keepalive = asyncio.create_task(self._keep_in_progress(deliveries))
         try:
-            flat, loss = await asyncio.to_thread(self._gradient, batch)
+            if len(batches) > 1:
+                flat, loss, samples = await asyncio.to_thread(self._local_steps, batches)
+            else:
+                flat, loss = await asyncio.to_thread(self._gradient, batches[0])
+                samples = batches[0].stop - batches[0].start
         finally:
             keepalive.cancel()
+        batch = batches[0]
         parts = self._parts(flat)
         packed = self._compress(flat, parts)
 
         def items():
             for (slice_, lo, chunk, _), (values, scale, indices) in zip(parts, packed):
                 msg = Gradient(
-                    self.job, self.id, batch.round, batch.shard, batch.stop - batch.start, loss,
+                    self.job, self.id, batch.round, batch.shard, samples, loss,
                     self.stamp[1], chunk, values, self.stamp[0], self.spec.compression, scale, indices,
                 )
                 msg_id = f"grad:{batch.generation}:{batch.round}:{batch.shard}:{slice_}:{chunk.index}"
-                yield subjects.grads(self.job, slice_), codec.encode(msg), msg_id
+                payload = codec.encode(msg)
+                self.bytes_sent += len(payload)
+                yield subjects.grads(self.job, slice_), payload, msg_id
 
         await self.bus.publish(items())
         self.shards_done += 1
@@ -178,11 +226,20 @@ class Worker:
         return out
 
     @staticmethod
-    async def _keep_in_progress(delivery, period: float = 10.0) -> None:
-        """A long computation must not let the batch's ack wait expire (it would be redelivered)."""
+    async def _keep_in_progress(deliveries: list, period: float = 10.0) -> None:
+        """A long computation must not let the batches' ack wait expire (they would be redelivered)."""
         while True:
             await asyncio.sleep(period)
-            await delivery.in_progress()
+            for delivery in deliveries:
+                await delivery.in_progress()
+
+    def _local_steps(self, batches: list[Batch]) -> tuple[np.ndarray, float, int]:
+        """diloco: the round's inner steps from the round's parameters; the pseudo-gradient."""
+        if self.settings.test_delay:
+            time.sleep(self.settings.test_delay)
+        data = [(b.x.torch().to(self.device), b.y.torch().to(self.device)) for b in batches]
+        spec = self.spec
+        return diloco.local_steps(self.model, self.layout, self.start, data, spec.inner_optimizer, spec.inner_lr)
 
     def _gradient(self, batch: Batch) -> tuple[np.ndarray, float]:
         if self.settings.test_delay:
@@ -250,6 +307,8 @@ class Worker:
             else:
                 if self.params.complete and self.params.version > self.stamp:
                     self.layout.load_params(self.model, self.params.buffer)
+                    if self.spec.mode == "diloco":  # local steps move the model: keep the start
+                        self.start = self.params.buffer.copy()
                     self.stamp = self.params.version
                     self.final = params.final
             await delivery.ack()
@@ -263,7 +322,7 @@ class Worker:
         while True:
             beat = Heartbeat(
                 self.job, self.id, self.id, socket.gethostname(), os.getpid(), time.time(),
-                self.shards_done, max(self.stamp[1], 0),
+                self.shards_done, max(self.stamp[1], 0), self.bytes_sent,
             )
             try:
                 await kv.put(self.id, codec.encode(beat))
