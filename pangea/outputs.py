@@ -29,6 +29,7 @@ class Metrics:
     events: list[dict] = field(default_factory=list)  # notable things: joins, leaves, reassignments
     quorum_rounds: list[dict] = field(default_factory=list)  # rounds closed without every sample
     bytes_sent: dict[str, int] = field(default_factory=dict)  # worker -> gradient bytes it published
+    staleness: dict[str, int] = field(default_factory=dict)  # async: applied gradients by staleness
     total_seconds: float = 0.0
 
     def to_json(self) -> str:

@@ -131,6 +131,13 @@ class OrchestratorSettings(BusSettings, TrainSettings):
         "mean", description="how shard gradients are combined (the robust ones resist poisoned gradients)"
     )
     byzantine: int = Field(1, ge=0, description="trimmed-mean/krum: how many contributions may be malicious")
+
+    @field_validator("aggregator")
+    @classmethod
+    def _one_at_a_time(cls, value: str, info: ValidationInfo) -> str:
+        if value != "mean" and info.data.get("mode") == "async":
+            raise ValueError("--mode async applies gradients one at a time: there is nothing to combine robustly")
+        return value
     clip_norm: float = Field(0.0, ge=0, description="clip each shard gradient to this L2 norm first (0: off)")
     resume: bool = Field(False, description="continue an existing job from its last checkpoint on the bus")
     checkpoint_every: int = Field(10, ge=0, description="store a checkpoint every N rounds (0: only at the end)")

@@ -31,6 +31,7 @@ from pangea.models import build_model
 from pangea.outputs import Metrics, write_outputs
 from pangea.planning import adaptive_deadline, pick_replacements
 from pangea.roles import intake
+from pangea.roles.asynchronous import AsyncTrainer
 from pangea.roles.slices import Slices
 from pangea.settings import OrchestratorSettings
 from pangea.training import Diverged, batch_rows, epochs_ended, evaluate, make_optimizer, total_rounds
@@ -225,8 +226,11 @@ class Orchestrator:
             log.info("starting at round %d with %d workers: %s", first, len(members), ", ".join(members))
             self.known_members = members
             await self.publish_params(first)
-            for r in range(first, self.total_rounds):
-                await self.train_round(r)
+            if self.settings.mode == "async":
+                await AsyncTrainer(self).run()
+            else:
+                for r in range(first, self.total_rounds):
+                    await self.train_round(r)
             self.metrics.total_seconds = time.perf_counter() - started
             await self.count_bytes()
         else:
