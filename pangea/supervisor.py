@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pangea import codec
+from pangea.lifetime import die_with_parent
 from pangea.bus import subjects
 from pangea.bus import security
 from pangea.bus.client import Bus, BusError
@@ -114,7 +115,7 @@ class Supervisor:
         with open(log_path, "ab") as handle:
             return subprocess.Popen(
                 [sys.executable, "-m", "pangea", role], env=env, stdout=handle, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
             )
 
     def _write_pids(self) -> None:

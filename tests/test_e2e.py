@@ -225,3 +225,27 @@ def test_sigterm_stops_every_role(nats_url, job, tmp_path):
     for name, pid in pids.items():
         alive = Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
         assert not alive, f"{name} still running"
+
+
+def test_sigkill_of_pangea_run_leaves_no_role_behind(job, tmp_path):
+    """`kill -9 <pangea run>` cannot clean up, so every role and the embedded server die with it
+    (Linux parent-death signal) instead of running on as orphans."""
+    out = tmp_path / "run"
+    proc = _start_run(out, job, None, "--workers", "2", "--epochs", "200")
+    try:
+        _wait_for_log(out / "logs" / "orchestrator.log", "starting at round")
+        pids = json.loads((out / "pids.json").read_text())
+        server = [int(p) for p in os.popen(f"pgrep -P {proc.pid} nats-server").read().split()]
+        assert server, "the embedded nats-server is a child of pangea run"
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        alive = dict(pids, server=server[0])
+        while alive and time.monotonic() < deadline:
+            alive = {n: p for n, p in alive.items()
+                     if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text()}
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not alive, f"still running after pangea run was killed: {alive}"

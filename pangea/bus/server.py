@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pangea.lifetime import die_with_parent
+
 log = logging.getLogger(__name__)
 
 
@@ -87,7 +89,7 @@ class EmbeddedServer:
         config.write_text("\n".join(lines) + "\n" + self.extra_config)
         config.chmod(0o600)  # it may hold passwords
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self._proc = subprocess.Popen([find_binary(), "-c", str(config)], stdout=out, stderr=out)
+        self._proc = subprocess.Popen([find_binary(), "-c", str(config)], stdout=out, stderr=out, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

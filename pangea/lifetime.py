@@ -1,0 +1,21 @@
+"""Child processes that do not outlive the process that started them."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """For `subprocess.Popen(preexec_fn=...)`: on Linux the child gets SIGTERM when its parent
+    dies, even by SIGKILL, so `pangea run` killed hard leaves no role or server behind.
+    Elsewhere it does nothing (a child may then outlive a killed parent)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
