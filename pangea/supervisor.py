@@ -25,12 +25,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pangea import codec
-from pangea.lifetime import die_with_parent
-from pangea.bus import subjects
-from pangea.bus import security
+from pangea.bus import security, subjects
 from pangea.bus.client import Bus, BusError
 from pangea.bus.server import EmbeddedServer, free_port
 from pangea.cli import EXIT_USER_ERROR
+from pangea.lifetime import die_with_parent
 from pangea.messages import JobSpec, RoundDone
 from pangea.settings import ReplaySettings, RunSettings
 
