@@ -1,8 +1,9 @@
 """Messages <-> Cap'n Proto bytes.  The only module that imports capnp.
 
 Decoding is zero-copy: tensor payloads come back as views into the received buffer
-(`get_data_as_view`), which the returned message keeps alive.  Anything that is not a
-well-formed message of the expected kind raises `CodecError` with a short reason.
+(`get_data_as_view`), which the returned message keeps alive.  Encoding copies a tensor
+twice: into the one segment capnp writes, and out to `bytes` (see `_Arena`).  Anything
+that is not a well-formed message of the expected kind raises `CodecError` with a short reason.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from pangea import messages as m
 # The traversal limit guards against a few bytes claiming a huge list (amplification):
 # a valid message never needs to traverse more than about its own size.
 _NESTING_LIMIT = 16
+# Words of a message beyond its tensors' bytes that one segment is sized for: headers,
+# names, shapes and short lists fit with room to spare.
+_SMALL_WORDS = 1024
 
 _STRUCTS: dict[type, str] = {
     m.Batch: "Batch",
@@ -92,7 +96,15 @@ def encode(message: m.Message) -> bytes:
     cls = type(message)
     if cls not in _STRUCTS:
         raise TypeError(f"cannot encode {cls.__name__}")
-    builder = getattr(schema(), _STRUCTS[cls]).new_message()
+    arena = _Arena(_SMALL_WORDS + sum(_words(len(t.data)) for t in _tensors(message)))
+    builder = getattr(schema(), _STRUCTS[cls]).new_message(arena.words, arena.allocate)
+    _fill(builder, message)
+    return arena.to_bytes(builder)
+
+
+def _fill(builder, message: m.Message) -> None:
+    """Set every field of a new root `builder` from `message`."""
+    cls = type(message)
     header = builder.init("header")
     header.schemaVersion = m.SCHEMA_VERSION
     header.kind = _KINDS[cls]
@@ -102,7 +114,15 @@ def encode(message: m.Message) -> bytes:
         if f.name in _HEADER_FIELDS:
             continue
         _set(builder, _camel(f.name), _hints(cls)[f.name], getattr(message, f.name))
-    return _to_bytes(builder)
+
+
+def _tensors(message: m.Message) -> list[m.Tensor]:
+    values = (getattr(message, f.name) for f in dataclasses.fields(message))
+    return [v for v in values if isinstance(v, m.Tensor)]
+
+
+def _words(nbytes: int) -> int:
+    return (nbytes + 7) // 8
 
 
 def _set(builder, name: str, hint, value) -> None:
@@ -134,10 +154,51 @@ def _set_tensor(builder, tensor: m.Tensor) -> None:
     builder.data = tensor.data
 
 
-def _to_bytes(builder) -> bytes:
-    # Frame the segments ourselves: pycapnp's to_bytes() is several times slower for
-    # large Data fields than to_segments() plus one join.
-    segments = builder.to_segments()
+class _Arena:
+    """One segment of our own for capnp to write a message into, with room in front for its table.
+
+    Why: with pycapnp's own builder a tensor was copied three times: into segments it
+    sizes itself, out again by `to_segments()`, and once more by the join that frames
+    them (`to_bytes()` is no faster).  Sized for the whole message, one segment holds
+    it all and, with its 8-byte table written in front, leaves as one slice: two copies
+    (into the segment, out to `bytes`).  pycapnp cannot reserve a Data field without
+    copying it (`init` returns a copy of the new bytes), so two is its floor.
+
+    If the size guess is short (many small items and no tensor, e.g. a plan naming
+    thousands of workers), capnp asks for more segments: they are handed out, and the
+    message is framed from `to_segments()`.
+    """
+
+    def __init__(self, words: int):
+        self.words = words  # of the first segment
+        # Zeroed memory, as capnp requires; numpy's calloc leaves untouched pages unmapped.
+        self.buffer = np.zeros(8 + 8 * words, np.uint8)
+        self.segments = 0
+        self.allocated = 0  # words, all segments
+
+    def allocate(self, minimum_words: int):
+        """capnp's callback for a new segment of at least `minimum_words` words."""
+        if self.segments == 0:
+            segment = memoryview(self.buffer)[8:]
+        else:
+            # Each new segment as big as all before, like capnp's own builder: few segments.
+            segment = bytearray(8 * max(minimum_words, self.allocated))
+        self.segments += 1
+        self.allocated += len(segment) // 8
+        return segment
+
+    def to_bytes(self, builder) -> bytes:
+        """The framed message: segment table, then the segments."""
+        if self.segments > 1:
+            return _frame(builder.to_segments())
+        # One segment holds exactly the root pointer and what it reaches: each field is
+        # set once, so no orphaned space is left behind.
+        used = 1 + builder.total_size.word_count
+        struct.pack_into("<II", self.buffer, 0, 0, used)
+        return self.buffer[: 8 + 8 * used].tobytes()
+
+
+def _frame(segments: list[bytes]) -> bytes:
     count = len(segments)
     table = struct.pack(f"<I{count}I", count - 1, *(len(s) // 8 for s in segments))
     if count % 2 == 0:

@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import math
 import shutil
+import struct
 import subprocess
 
 import numpy as np
@@ -93,6 +94,39 @@ def _assert_same(a, b) -> None:
 
 def _round_trip(message):
     return codec.decode(codec.encode(message), expected=type(message))
+
+
+def _big_params(megabytes: int = 3) -> m.Params:
+    n = megabytes * (1 << 20) // 4
+    values = np.random.default_rng(RNG_SEED + 2).standard_normal(n).astype(np.float32)
+    return m.Params(
+        job="job-a", sender="orchestrator", version=5, final=False,
+        layout_hash="0123456789abcdef", chunk=m.Chunk(0, 1, 0, n), values=_tensor(values, "p"),
+    )
+
+
+def _many_shards_plan(shards: int = 3000) -> m.RoundPlan:
+    return m.RoundPlan(
+        job="job-a", sender="orchestrator", round=1, epoch=0, step=1, batch_size=shards,
+        shards=tuple(m.Shard(f"worker-{i}", i, i + 1) for i in range(shards)),
+    )
+
+
+def _segment_count(payload: bytes) -> int:
+    return struct.unpack_from("<I", payload)[0] + 1
+
+
+def _capnp_tool_decode(struct_name: str, payload: bytes) -> str:
+    """The reference `capnp decode` tool's text for `payload` (skips the test if it is missing)."""
+    tool = shutil.which("capnp")
+    if tool is None:
+        pytest.skip("the `capnp` tool is missing: install the Debian package capnproto")
+    result = subprocess.run(
+        [tool, "decode", str(codec.schema_path()), struct_name],
+        input=payload, capture_output=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return result.stdout.decode()
 
 
 # ---------------------------------------------------------------- round trips
@@ -309,20 +343,62 @@ def test_encoding_a_foreign_object_is_a_type_error():
 
 
 def test_reference_capnp_tool_reads_a_batch_written_by_pangea():
-    tool = shutil.which("capnp")
-    if tool is None:
-        pytest.skip("the `capnp` tool is missing: install the Debian package capnproto")
     batch = _batch()
-    result = subprocess.run(
-        [tool, "decode", str(codec.schema_path()), "Batch"],
-        input=codec.encode(batch), capture_output=True, timeout=30, check=False,
-    )
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    text = result.stdout.decode()
+    text = _capnp_tool_decode("Batch", codec.encode(batch))
     assert f"round = {batch.round}" in text
     assert f'worker = "{batch.worker}"' in text
     assert "kind = batch" in text
     assert f"shape = [{', '.join(map(str, batch.x.shape))}]" in text
+
+
+def test_reference_capnp_tool_reads_a_multi_megabyte_tensor():
+    params = _big_params()
+    text = _capnp_tool_decode("Params", codec.encode(params))
+    assert "kind = params" in text and "version = 5" in text
+    assert f"shape = [{params.values.shape[0]}]" in text
+
+
+def test_reference_capnp_tool_reads_a_message_of_several_segments():
+    plan = _many_shards_plan()
+    payload = codec.encode(plan)
+    assert _segment_count(payload) > 1
+    text = _capnp_tool_decode("RoundPlan", payload)
+    assert f'worker = "worker-{len(plan.shards) - 1}"' in text
+
+
+# ---------------------------------------------------------------- framing
+#
+# encode() has capnp write into one segment of its own and frames it itself, cutting the
+# segment at the size capnp reports; a wrong cut would show as bytes unlike pycapnp's.
+
+
+def _pycapnp_bytes(message) -> bytes:
+    """`message` serialised by pycapnp itself, in one segment big enough for it."""
+    struct_type = getattr(codec.schema(), codec._STRUCTS[type(message)])
+    builder = struct_type.new_message(num_first_segment_words=1 << 20)
+    codec._fill(builder, message)
+    return builder.to_bytes()
+
+
+@pytest.mark.parametrize(
+    "message", [*_all_messages(), _big_params()], ids=lambda msg: type(msg).__name__
+)
+def test_encode_writes_the_same_bytes_as_pycapnp(message):
+    payload = codec.encode(message)
+    assert _segment_count(payload) == 1
+    assert payload == _pycapnp_bytes(message)
+
+
+def test_multi_megabyte_tensor_round_trips():
+    params = _big_params()
+    _assert_same(params, _round_trip(params))
+
+
+def test_message_outgrowing_its_first_segment_round_trips():
+    plan = _many_shards_plan()
+    payload = codec.encode(plan)
+    assert _segment_count(payload) > 1
+    assert codec.decode(payload, m.RoundPlan) == plan
 
 
 # ---------------------------------------------------------------- properties
