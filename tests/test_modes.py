@@ -24,14 +24,15 @@ def _run(nats_url, job, out, *flags: str) -> dict:
     return metrics(out)
 
 
-@pytest.mark.parametrize("workers", [2, 4])
-def test_diloco_run_equals_diloco_reference(nats_url, job, tmp_path, workers):
-    train = dict(mode="diloco", local_steps=6, epochs=2, batch_size=64, seed=4)
-    run = _run(nats_url, job, tmp_path / "run", "--workers", str(workers), "--mode", "diloco", "--local-steps", "6",
-               "--epochs", "2", "--batch-size", "64", "--seed", "4")
+# 2 epochs = 44 global batches: H=6 gives 8 rounds (the last of 2 steps); H=43 gives a round
+# that ends an epoch in its middle, then a round of a single local step.
+@pytest.mark.parametrize(("workers", "local_steps", "rounds"), [(2, 6, 8), (4, 6, 8), (3, 43, 2)])
+def test_diloco_run_equals_diloco_reference(nats_url, job, tmp_path, workers, local_steps, rounds):
+    train = dict(mode="diloco", local_steps=local_steps, epochs=2, batch_size=64, seed=4)
+    run = _run(nats_url, job, tmp_path / "run", "--workers", str(workers), "--mode", "diloco",
+               "--local-steps", str(local_steps), "--epochs", "2", "--batch-size", "64", "--seed", "4")
     assert_exact(tmp_path / "run", reference(tmp_path / "ref", workers=workers, **train))
-    rounds = diloco.rounds(2 * steps_per_epoch(1348, 64), 6)  # 44 global batches, 6 per round
-    assert len(run["loss"]) == rounds == 8
+    assert len(run["loss"]) == diloco.rounds(2 * steps_per_epoch(1348, 64), local_steps) == rounds
     assert sum(run["samples"]) == 2 * 1348  # each sample once per epoch, over the local steps
     assert len(run["test_accuracy"]) == 2 and run["rejected"] == {}
     assert set(run["bytes_sent"]) == {f"w{i}" for i in range(workers)} and all(run["bytes_sent"].values())

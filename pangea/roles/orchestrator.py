@@ -283,10 +283,12 @@ class Orchestrator:
                 f"training diverged at round {r}: the parameters are no longer finite "
                 "(lower --lr, or use a robust --aggregator if a worker may send poisoned gradients)"
             )
-        seconds = time.perf_counter() - t0
         ended = epochs_ended(covered, n, size)  # a diloco round may end several epochs
         epoch_done = ended > 0
         accuracy = evaluate(self.model, self.dataset.x_test, self.dataset.y_test) if epoch_done else float("nan")
+        if r + 1 < self.total_rounds:
+            await self.publish_params(r + 1)
+        seconds = time.perf_counter() - t0  # plan to broadcast, evaluation included
 
         self.metrics.loss.append(acc.loss())
         self.metrics.round_seconds.append(seconds)
@@ -297,9 +299,7 @@ class Orchestrator:
         self.metrics.test_accuracy += [accuracy] * ended
         every = self.settings.checkpoint_every
         if every and (r + 1) % every == 0 and r + 1 < self.total_rounds:
-            await self.checkpoint(r + 1)
-        if r + 1 < self.total_rounds:
-            await self.publish_params(r + 1)
+            await self.checkpoint(r + 1)  # after the broadcast: a successor redoes at most this round
         done = RoundDone(
             self.job, SENDER, r, self.total_rounds, epoch, acc.loss(), seconds, acc.complete_samples(), accuracy,
             tuple(self.known_members), tuple(self.metrics.round_seconds[-20:]),
@@ -315,7 +315,7 @@ class Orchestrator:
         await self.bus.kv_put(subjects.job_bucket(self.job), "round", payload)
         if epoch_done:
             log.info("epoch %d done (round %d/%d): loss %.4f, test accuracy %.4f",
-                     position(covered[-1], n, size)[0] + 1, r + 1, self.total_rounds, acc.loss(), accuracy)
+                     len(self.metrics.test_accuracy), r + 1, self.total_rounds, acc.loss(), accuracy)
 
     async def count_bytes(self) -> None:
         """Gradient bytes each worker sent, from their heartbeats: wait for one more beat each,

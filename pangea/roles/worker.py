@@ -85,6 +85,8 @@ class Worker:
             "batches", subjects.batches(self.job, self.id), durable=subjects.worker_consumer(self.id), batch=4
         )
         self.params_in = await self._params_consumer()
+        if spec.mode == "diloco":  # the first optimizer torch builds takes seconds: not in round 0
+            diloco.inner_optimizer(spec.inner_optimizer, spec.inner_lr, self.layout.params(self.model))
         heartbeat = asyncio.create_task(self._heartbeat())
         log.info("worker %s joined job %s on %s", self.id, self.job, self.device)
         try:
@@ -117,7 +119,7 @@ class Worker:
             if self.spec.mode == "async":
                 await self._async_batch(batch, delivery)
                 continue
-            if max(1, batch.inner_steps) > 1:
+            if self.spec.mode == "diloco":  # even a round of one local step: a pseudo-gradient
                 await self._drop_stale_held()
                 ready = self._hold(batch, delivery)
                 if ready is None:
@@ -141,7 +143,7 @@ class Worker:
         """diloco: keep a round's batches until all its local steps are here; then all of them, in order."""
         key = (batch.generation, batch.round, batch.shard)
         self.held.setdefault(key, {})[batch.inner] = (batch, delivery)
-        if len(self.held[key]) < batch.inner_steps:
+        if len(self.held[key]) < max(1, batch.inner_steps):
             return None
         steps = self.held.pop(key)
         ordered = [steps[h] for h in sorted(steps)]
@@ -167,7 +169,7 @@ class Worker:
     async def _compute_and_publish(self, batches: list[Batch], deliveries: list) -> None:
         keepalive = asyncio.create_task(self._keep_in_progress(deliveries))
         try:
-            if len(batches) > 1:
+            if self.spec.mode == "diloco":
                 flat, loss, samples = await asyncio.to_thread(self._local_steps, batches)
             else:
                 flat, loss = await asyncio.to_thread(self._gradient, batches[0])
