@@ -13,8 +13,8 @@ dataset cut from digits so the run has a few rounds.  Columns:
   pangea_round_s    median time between the orchestrator's consecutive round-done events,
                     rounds after the first two: one optimizer step as a user waits for it
                     (plan, shards, forward/backward, gradients in, mean, step, params out)
-  metrics_round_s   the same rounds' `round_seconds` from metrics.json (the orchestrator's
-                    own timer: from plan to optimizer step, without broadcasting the params)
+  metrics_round_s   the same rounds' `round_seconds` from metrics.json, the orchestrator's
+                    own timer (before 7602bb5 it stopped at the optimizer step: no broadcast)
   compute_s         one shard's forward+backward+flatten in this process, same model, shard
                     size and torch threads as a worker: the part of a round that is not talk
   gloo_allreduce_s  median all_reduce of a float32 tensor of P elements across K processes
