@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", help="exact (re-issue slow shards) or quorum (close rounds without them)")
     run.add_argument("--straggler-deadline", help="seconds a round waits for a shard (0: adaptive)")
     run.add_argument("--shards", help="orchestrator shards: S processes each average one slice (default 1)")
+    run.add_argument("--net-delay", help="seconds of artificial delay before every publish (models a slow link)")
     _bus_flags(run, "job name (default: generated)")
 
     ref = command("reference", "train in one plain process with no bus: the yardstick for exactness")

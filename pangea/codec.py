@@ -20,6 +20,7 @@ import capnp
 import numpy as np
 
 from pangea import messages as m
+from pangea.capnp_spans import data_span
 
 # The traversal limit guards against a few bytes claiming a huge list (amplification):
 # a valid message never needs to traverse more than about its own size.
@@ -222,7 +223,7 @@ def decode(payload: bytes | memoryview, expected: type | None = None) -> m.Messa
             fields = {"job": reader.header.job, "sender": reader.header.sender}
             for f in dataclasses.fields(cls):
                 if f.name not in _HEADER_FIELDS:
-                    fields[f.name] = _get(reader, _camel(f.name), _hints(cls)[f.name], payload)
+                    fields[f.name] = _get(reader, _camel(f.name), _hints(cls)[f.name], payload, _STRUCTS[cls])
     except CodecError:
         raise
     # RuntimeError: pycapnp's answer to an enum value the schema does not define.
@@ -253,10 +254,10 @@ def _reader(payload, struct_name: str):
     return getattr(schema(), struct_name).from_bytes(payload, traversal_limit_in_words=limit, nesting_limit=_NESTING_LIMIT)
 
 
-def _get(reader, name: str, hint, payload):
+def _get(reader, name: str, hint, payload, struct_name: str):
     value = getattr(reader, name)
     if hint is m.Tensor:
-        return _get_tensor(value, payload)
+        return _get_tensor(value, payload, _data_path(struct_name, name))
     if hint is m.Chunk:
         return m.Chunk(value.index, value.count, value.offset, value.total)
     if typing.get_origin(hint) is tuple:
@@ -267,33 +268,25 @@ def _get(reader, name: str, hint, payload):
     return hint(value) if hint in (int, float, bool, str) else value
 
 
-def _get_tensor(reader, payload) -> m.Tensor:
+def _get_tensor(reader, payload, path: tuple[int, ...]) -> m.Tensor:
     dtype = str(reader.dtype)
     if dtype not in m.DTYPES:
         raise CodecError(f"unknown dtype {dtype!r}")
     shape = tuple(int(s) for s in reader.shape)
-    view = reader.get_data_as_view("data")
+    # Not `reader.get_data_as_view("data")`: it leaks the message buffer (see capnp_spans).
+    offset, length = data_span(payload, path)
     expected = math.prod(shape) * m.DTYPES[dtype].itemsize
-    if len(view) != expected:
-        raise CodecError(f"tensor {reader.name!r}: {len(view)} bytes for shape {shape} {dtype}")
-    return m.Tensor(dtype, shape, _pinned(view, payload), str(reader.name))
+    if length != expected:
+        raise CodecError(f"tensor {reader.name!r}: {length} bytes for shape {shape} {dtype}")
+    return m.Tensor(dtype, shape, memoryview(payload).cast("B")[offset : offset + length], str(reader.name))
 
 
-def _pinned(view: memoryview, payload) -> memoryview:
-    """The same bytes as `view`, as a slice of `payload` so that it keeps `payload` alive.
-
-    pycapnp's view does not reference the buffer it points into; a slice of the payload
-    does.  Only if capnp had to copy an unaligned payload does the view lie elsewhere:
-    then the bytes are copied once.
-    """
-    if not len(view):
-        return memoryview(b"")
-    whole = memoryview(payload).cast("B")
-    base = np.frombuffer(whole, np.uint8).ctypes.data
-    offset = np.frombuffer(view, np.uint8).ctypes.data - base
-    if 0 <= offset and offset + len(view) <= len(whole):
-        return whole[offset : offset + len(view)]
-    return memoryview(bytes(view))
+@cache
+def _data_path(struct_name: str, field: str) -> tuple[int, int]:
+    """Pointer-section indices from a root struct to its Tensor field's `data`."""
+    structs = schema()
+    tensor = getattr(structs, struct_name).schema.fields[field].proto.slot.offset
+    return tensor, structs.Tensor.schema.fields["data"].proto.slot.offset
 
 
 def _short(exc: BaseException) -> str:

@@ -278,7 +278,8 @@ class Orchestrator:
 
         self.layout.set_grads(self.model, self.slices.join(mean))
         self.optimizer.step()
-        if not all(bool(p.isfinite().all()) for p in self.layout.params(self.model)):
+        flat = self.layout.flatten_params(self.model)
+        if not np.isfinite(flat.sum(dtype=np.float64)):  # one pass; NaN/Inf anywhere makes the sum so
             raise Diverged(
                 f"training diverged at round {r}: the parameters are no longer finite "
                 "(lower --lr, or use a robust --aggregator if a worker may send poisoned gradients)"
@@ -287,7 +288,7 @@ class Orchestrator:
         epoch_done = ended > 0
         accuracy = evaluate(self.model, self.dataset.x_test, self.dataset.y_test) if epoch_done else float("nan")
         if r + 1 < self.total_rounds:
-            await self.publish_params(r + 1)
+            await self.publish_params(r + 1, flat=flat)
         seconds = time.perf_counter() - t0  # plan to broadcast, evaluation included
 
         self.metrics.loss.append(acc.loss())
@@ -471,9 +472,9 @@ class Orchestrator:
         msg_id = f"plan:{plan.generation}:{plan.round}:{plan.attempt}:{int(plan.final)}"
         await self.bus.publish([(subjects.plans(self.job), codec.encode(plan), msg_id)])
 
-    async def publish_params(self, version: int, final: bool = False) -> None:
-        """Broadcast the current parameters as `version`, chunked to fit the server."""
-        flat = self.layout.flatten_params(self.model)
+    async def publish_params(self, version: int, final: bool = False, flat: np.ndarray | None = None) -> None:
+        """Broadcast the current parameters (`flat`, if already flattened) as `version`, chunked to fit the server."""
+        flat = self.layout.flatten_params(self.model) if flat is None else flat
         subject = subjects.params(self.job)
 
         def items():
