@@ -74,10 +74,15 @@ class RoundAccumulator:
         return not self.missing()
 
     def mean(self) -> np.ndarray:
-        """The sample-weighted mean gradient, float32."""
+        """The sample-weighted mean gradient, float32.  Once per round: the float64 sum is
+        divided in place and released, so no second float64 vector exists at the peak."""
         if not self.complete:
             raise RuntimeError(f"round {self.round} is missing shards {self.missing()}")
-        return (self._sum / self.total_samples).astype(np.float32)
+        if self._sum is None:
+            raise RuntimeError(f"the mean of round {self.round} was already taken")
+        total, self._sum = self._sum, None
+        np.divide(total, self.total_samples, out=total)
+        return total.astype(np.float32)
 
     def loss(self) -> float:
         """The sample-weighted mean of the shards' mean losses (over the shards heard from)."""

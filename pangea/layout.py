@@ -58,11 +58,16 @@ class Layout:
             for p, piece in zip(self.params(model), self.split(flat)):
                 p.copy_(torch.from_numpy(piece).view(p.shape))
 
-    def set_grads(self, model: nn.Module, flat: np.ndarray) -> None:
-        """Set each parameter's .grad from a flat vector."""
+    def set_grads(self, model: nn.Module, flat: np.ndarray, copy: bool = True) -> None:
+        """Set each parameter's .grad from a flat vector.
+
+        copy=False: the gradients are views of `flat` (float32, writable, contiguous), which
+        the caller must then leave alone; it saves a model-sized copy at the orchestrator."""
         self._check(flat)
+        share = not copy and flat.dtype == np.float32 and flat.flags.writeable and flat.flags.c_contiguous
         for p, piece in zip(self.params(model), self.split(flat)):
-            p.grad = torch.from_numpy(np.array(piece, dtype=np.float32)).view(p.shape).to(p.device)
+            piece = piece if share else np.array(piece, dtype=np.float32)
+            p.grad = torch.from_numpy(piece).view(p.shape).to(p.device)
 
     def split(self, flat: np.ndarray) -> list[np.ndarray]:
         """Views of the flat vector, one per parameter."""

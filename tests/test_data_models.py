@@ -331,6 +331,20 @@ def test_set_grads_fills_each_parameter_grad():
     assert np.any(layout.flatten_grads(model) != 0)
 
 
+def test_set_grads_without_copy_shares_the_vector():
+    model = _model()
+    layout = Layout.of(model)
+    flat = np.random.default_rng(4).standard_normal(layout.numel).astype(np.float32)
+    layout.set_grads(model, flat, copy=False)
+    np.testing.assert_array_equal(layout.flatten_grads(model), flat)
+    flat[:] = 0  # shared: the orchestrator hands over a fresh vector and never touches it again
+    assert not np.any(layout.flatten_grads(model) != 0)
+    read_only = np.ones(layout.numel, np.float32)
+    read_only.flags.writeable = False
+    layout.set_grads(model, read_only, copy=False)  # not shareable: copied, and no torch warning
+    assert layout.flatten_grads(model).sum() == layout.numel
+
+
 def test_flatten_grads_matches_autograd():
     model = _model()
     layout = Layout.of(model)

@@ -276,7 +276,7 @@ class Orchestrator:
                         f"(missing shards {acc.missing()})")
             self.metrics.quorum_rounds.append({"round": r, "samples": acc.complete_samples(), "planned": rows})
 
-        self.layout.set_grads(self.model, self.slices.join(mean))
+        self.layout.set_grads(self.model, self.slices.join(mean), copy=False)  # a fresh vector: no copy
         self.optimizer.step()
         flat = self.layout.flatten_params(self.model)
         if not np.isfinite(flat.sum(dtype=np.float64)):  # one pass; NaN/Inf anywhere makes the sum so
@@ -447,6 +447,8 @@ class Orchestrator:
         except Rejected as exc:
             if exc.reason == "non_finite":
                 self._non_finite.setdefault(grad.shard, set()).add(grad.sender)
+            if exc.reason == "duplicate" and (plan.round, grad.shard) in self._late:
+                exc.reason = "straggler_late"  # a re-issued shard's second copy: expected
             return self._reject(exc.reason, f"from {grad.sender!r}: {exc.detail}")
         return True
 

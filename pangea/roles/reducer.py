@@ -136,6 +136,8 @@ class Reducer:
             )
             self.acc.add(grad.shard, grad.num_samples, grad.loss, grad.chunk, intake.values(grad))
         except Rejected as exc:
+            if exc.reason == "duplicate" and (grad.round, grad.shard) in self.late:
+                exc.reason = "straggler_late"  # a re-issued shard's second copy: expected
             self._reject(exc.reason, f"from {grad.sender!r}: {exc.detail}")
             await delivery.ack()
             return

@@ -186,7 +186,10 @@ class Worker:
                     self.job, self.id, batch.round, batch.shard, samples, loss,
                     self.stamp[1], chunk, values, self.stamp[0], self.spec.compression, scale, indices,
                 )
-                msg_id = f"grad:{batch.generation}:{batch.round}:{batch.shard}:{slice_}:{chunk.index}"
+                # Per worker: a re-issued shard's chunks from its new worker must be stored even
+                # where the first worker's were (the orchestrator counts each chunk once), or
+                # a NaN gradient re-computed elsewhere would never arrive to prove divergence.
+                msg_id = f"grad:{batch.generation}:{batch.round}:{batch.shard}:{slice_}:{chunk.index}:{self.id}"
                 payload = codec.encode(msg)
                 self.bytes_sent += len(payload)
                 yield subjects.grads(self.job, slice_), payload, msg_id
