@@ -26,7 +26,9 @@ def _run(nats_url, job, out, *flags: str) -> dict:
 
 # 2 epochs = 44 global batches: H=6 gives 8 rounds (the last of 2 steps); H=43 gives a round
 # that ends an epoch in its middle, then a round of a single local step.
-@pytest.mark.parametrize(("workers", "local_steps", "rounds"), [(2, 6, 8), (4, 6, 8), (3, 43, 2)])
+@pytest.mark.parametrize(("workers", "local_steps", "rounds"), [
+    (2, 6, 8), pytest.param(4, 6, 8, marks=pytest.mark.slow), pytest.param(3, 43, 2, marks=pytest.mark.slow),
+])
 def test_diloco_run_equals_diloco_reference(nats_url, job, tmp_path, workers, local_steps, rounds):
     train = dict(mode="diloco", local_steps=local_steps, epochs=2, batch_size=64, seed=4)
     run = _run(nats_url, job, tmp_path / "run", "--workers", str(workers), "--mode", "diloco",

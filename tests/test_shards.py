@@ -17,7 +17,9 @@ from tests.conftest import role_env, run_pangea
 from tests.test_e2e import assert_exact, reference
 
 
-@pytest.mark.parametrize(("workers", "shards", "compression"), [(3, 2, "none"), (2, 3, "none")])
+@pytest.mark.parametrize(("workers", "shards", "compression"), [
+    (3, 2, "none"), pytest.param(2, 3, "none", marks=pytest.mark.slow),
+])
 def test_sharded_run_equals_reference(nats_url, job, tmp_path, workers, shards, compression):
     out = tmp_path / "run"
     result = run_pangea(
