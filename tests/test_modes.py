@@ -75,8 +75,9 @@ def test_async_converges_and_counts_stale_gradients(nats_url, job, tmp_path):
         cluster.worker("fast1", torch_threads=1)
         cluster.worker("slow", torch_threads=1, test_delay=0.5)
         cluster.start("pre", "preprocessor")
+        # 20 epochs: async is not deterministic, and after 10 it ends near 0.95 (0.949 once in CI).
         cluster.start("orch", "orchestrator", "--workers", "3", "--mode", "async", "--staleness", "2",
-                      "--epochs", "10", "--out", str(out))
+                      "--epochs", "20", "--out", str(out))
         assert cluster.wait("orch", timeout=600) == 0
     finally:
         cluster.close()
@@ -86,9 +87,9 @@ def test_async_converges_and_counts_stale_gradients(nats_url, job, tmp_path):
     assert stale >= 1, run["rejected"]
     assert set(run["rejected"]) == {"too_stale"}, run["rejected"]
     applied = sum(run["staleness"].values())
-    assert applied + stale == len(run["loss"]) == 10 * steps_per_epoch(1348, 64)
+    assert applied + stale == len(run["loss"]) == 20 * steps_per_epoch(1348, 64)
     assert all(int(tau) <= 2 for tau in run["staleness"])
-    assert sum(run["samples"]) < 10 * 1348  # the refused batches were not trained on
+    assert sum(run["samples"]) < 20 * 1348  # the refused batches were not trained on
     assert "is 3 updates old" in cluster.log("orch") or "updates old (bound 2)" in cluster.log("orch")
 
 
