@@ -171,6 +171,7 @@ def test_killed_orchestrator_is_restarted_and_resumes_exactly(nats_url, job, tmp
     assert len(json.loads((out / "metrics.json").read_text())["loss"]) == 3 * 43
 
 
+@pytest.mark.slow  # keeps the default run under 10 minutes; CI runs it with the slow tests
 def test_killed_worker_is_restarted_and_the_run_stays_exact(nats_url, job, tmp_path):
     out = tmp_path / "run"
     proc = _start_run(out, job, nats_url, "--workers", "2", "--epochs", "3", "--batch-size", "32", "--seed", "5")
@@ -227,6 +228,7 @@ def test_sigterm_stops_every_role(nats_url, job, tmp_path):
         assert not alive, f"{name} still running"
 
 
+@pytest.mark.slow  # keeps the default run under 10 minutes; CI runs it with the slow tests
 def test_sigkill_of_pangea_run_leaves_no_role_behind(job, tmp_path):
     """`kill -9 <pangea run>` cannot clean up, so every role and the embedded server die with it
     (Linux parent-death signal) instead of running on as orphans."""
