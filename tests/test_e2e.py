@@ -150,20 +150,28 @@ def _wait_for_log(path: Path, needle: str, timeout: float = 120) -> None:
     raise AssertionError(f"{needle!r} never appeared in {path}")
 
 
-def test_killed_orchestrator_is_restarted_and_resumes_exactly(nats_url, job, tmp_path):
-    """SIGKILL the orchestrator mid-run: `pangea run` says so, restarts it, and it resumes from its
-    last checkpoint on the bus; the final parameters equal the reference."""
-    out = tmp_path / "run"
-    proc = _start_run(out, job, nats_url, "--workers", "2", "--epochs", "3", "--batch-size", "32", "--seed", "8")
+def _kill_mid_run(out: Path, job: str, nats_url: str | None, role: str, *args: str, after: float = 1.5) -> str:
+    """Start `pangea run`, SIGKILL one of its roles once training began; wait for the run to
+    end and return its stderr (the run itself must succeed)."""
+    proc = _start_run(out, job, nats_url, *args)
     try:
         _wait_for_log(out / "logs" / "orchestrator.log", "starting at round")
-        time.sleep(1.5)
-        os.kill(json.loads((out / "pids.json").read_text())["orchestrator"], signal.SIGKILL)
+        time.sleep(after)
+        os.kill(json.loads((out / "pids.json").read_text())[role], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+def test_killed_orchestrator_is_restarted_and_resumes_exactly(nats_url, job, tmp_path):
+    """SIGKILL the orchestrator mid-run: `pangea run` says so, restarts it, and it resumes from its
+    last checkpoint on the bus; the final parameters equal the reference."""
+    out = tmp_path / "run"
+    stderr = _kill_mid_run(out, job, nats_url, "orchestrator", "--workers", "2", "--epochs", "3", "--batch-size", "32",
+                           "--seed", "8")
     assert "role orchestrator killed by SIGKILL: restarting it" in stderr
     assert_exact(out, reference(tmp_path / "ref", epochs=3, batch_size=32, seed=8))
     events = json.loads((out / "metrics.json").read_text())["events"]
@@ -174,16 +182,8 @@ def test_killed_orchestrator_is_restarted_and_resumes_exactly(nats_url, job, tmp
 @pytest.mark.slow  # keeps the default run under 10 minutes; CI runs it with the slow tests
 def test_killed_worker_is_restarted_and_the_run_stays_exact(nats_url, job, tmp_path):
     out = tmp_path / "run"
-    proc = _start_run(out, job, nats_url, "--workers", "2", "--epochs", "3", "--batch-size", "32", "--seed", "5")
-    try:
-        _wait_for_log(out / "logs" / "orchestrator.log", "starting at round")
-        time.sleep(1.0)
-        os.kill(json.loads((out / "pids.json").read_text())["worker-1"], signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
+    stderr = _kill_mid_run(out, job, nats_url, "worker-1", "--workers", "2", "--epochs", "3", "--batch-size", "32",
+                           "--seed", "5", after=1.0)
     assert "worker-1 killed by SIGKILL: restarting it" in stderr
     assert_exact(out, reference(tmp_path / "ref", epochs=3, batch_size=32, seed=5))
 

@@ -99,24 +99,11 @@ def test_slices_refuse_oversized_payloads():
 def test_killed_shard_is_restarted_and_the_run_stays_exact(nats_url, job, tmp_path):
     """SIGKILL orchestrator shard 1 mid-run: `pangea run` restarts it, the chunks it held come
     back to it (it acknowledges a round only once its mean is stored), and the run stays exact."""
-    import os
-    import signal
-    import time
-
-    from tests.test_e2e import _start_run, _wait_for_log
+    from tests.test_e2e import _kill_mid_run
 
     out = tmp_path / "run"
-    proc = _start_run(out, job, nats_url, "--workers", "2", "--shards", "2", "--epochs", "2", "--batch-size", "32",
-                      "--seed", "6")
-    try:
-        _wait_for_log(out / "logs" / "orchestrator.log", "starting at round")
-        time.sleep(1.5)
-        os.kill(json.loads((out / "pids.json").read_text())["shard-1"], signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
+    stderr = _kill_mid_run(out, job, nats_url, "shard-1", "--workers", "2", "--shards", "2", "--epochs", "2",
+                           "--batch-size", "32", "--seed", "6")
     assert "role shard-1 killed by SIGKILL: restarting it" in stderr
     assert_exact(out, reference(tmp_path / "ref", epochs=2, batch_size=32, seed=6))
     assert len(json.loads((out / "metrics.json").read_text())["loss"]) == 2 * 43
