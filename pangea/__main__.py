@@ -1,5 +1,5 @@
 import sys
 
-from pangea.cli import main
+from pangea.app.cli import main
 
 sys.exit(main())

@@ -3,6 +3,10 @@
 Every field is read from a `PANGEA_<FIELD>` environment variable (or a `.env` file) and
 can be overridden by the matching command-line flag.  A bad value raises `SettingsError`
 with one line naming the variable and the flag.
+
+Why one module of ~330 lines: it is the one field list of Pangea (each setting declared once:
+its type, bounds, default and description, from which the flags, `pangea docs`'s table and
+the job spec follow), and the few cross-field checks that need two fields at once.
 """
 
 from __future__ import annotations
@@ -14,17 +18,13 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pangea.errors import SettingsError
+
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
-class SettingsError(ValueError):
-    """A configuration mistake, described in one line."""
-
-
 class _Base(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="PANGEA_", env_file=".env", extra="ignore", validate_default=True
-    )
+    model_config = SettingsConfigDict(env_prefix="PANGEA_", env_file=".env", extra="ignore", validate_default=True)
 
 
 class BusSettings(_Base):
@@ -52,20 +52,41 @@ class BusSettings(_Base):
     )
     storage: Literal["file", "memory"] = Field("file", description="JetStream storage for the job's streams")
     replicas: int = Field(1, ge=1, le=5, description="JetStream replicas of the job's streams and buckets (clusters)")
-    batch_retention_hours: float = Field(
-        24.0, gt=0, description="how long stored batches stay replayable"
-    )
+    batch_retention_hours: float = Field(24.0, gt=0, description="how long stored batches stay replayable")
     batch_retention_bytes: int = Field(-1, ge=-1, description="most bytes the batch stream keeps (-1: no limit)")
     batch_retention_rounds: int = Field(
         0, ge=0, description="keep only the batches of this many latest rounds (0: no limit)"
     )
-    http_port: int = Field(8000, ge=0, le=65535, description="port of /healthz, /readyz and /metrics (0: off)")
+    http_port: int | Literal["any"] = Field(
+        8000,
+        description="port of /healthz, /readyz and /metrics (0: off; any: a free one; the default moves to a "
+        "free one when 8000 is taken, a port that is set does not)",
+    )
+    http_host: str = Field(
+        "127.0.0.1", min_length=1, description="address the health/metrics server binds (0.0.0.0: every interface)"
+    )
+    health_file: Path | None = Field(
+        None, description="where the role writes the address of its /healthz, for `python -m pangea.probe`"
+    )
     log_format: Literal["text", "json"] = Field("text", description="log lines as text or as JSON objects")
     heartbeat_seconds: float = Field(1.0, gt=0, description="worker heartbeat period")
     member_ttl: float = Field(10.0, gt=0, description="seconds without heartbeat before a worker is gone")
     net_delay: float = Field(
         0.0, ge=0, description="artificial delay in seconds before each publish of a message group (models a slow link)"
     )
+
+    @field_validator("http_port", mode="before")
+    @classmethod
+    def _port_or_any(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "any":
+            return "any"
+        try:
+            port = int(str(value).strip())
+        except ValueError:
+            port = -1
+        if not 0 <= port <= 65535:
+            raise ValueError("expected a port 0-65535 (0: off) or any (a free port)")
+        return port
 
     @property
     def servers(self) -> list[str]:
@@ -75,25 +96,53 @@ class BusSettings(_Base):
 class TrainSettings(_Base):
     """What to train and how: identical for `pangea run` and `pangea reference`."""
 
-    dataset: str = Field("digits", description="`digits` or a path to an .npz with x_train, y_train, x_test, y_test")
-    model: str = Field("mlp", description="`mlp` or `module:factory` returning a torch.nn.Module")
+    task: str = Field(
+        "classify",
+        pattern=r"^(classify|lm|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="classify (cross-entropy, accuracy), lm (next-token, bits per token) or module:function (a loss)",
+    )
+    dataset: str = Field(
+        "digits", description="`digits` or an .npz with x_train, y_train, x_test, y_test; for lm a .txt or uint16 .bin"
+    )
+    model: str = Field("mlp", description="`mlp`, `cnn`, `gpt` or `module:factory` returning a torch.nn.Module")
     hidden: str = Field("128", description="hidden layer widths of `mlp`, comma-separated")
+    context: int = Field(128, ge=1, description="lm: tokens per window (the model's context)")
+    vocab: int = Field(0, ge=0, le=65536, description="lm: vocabulary of a .bin (0: 256 for .txt, else <file>.vocab)")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="lm: the last fraction of the tokens, for validation")
+    eval_windows: int = Field(256, ge=1, description="lm: validation windows per evaluation")
+    eval_every: int = Field(
+        0, ge=0, description="evaluate every N rounds as well as at each epoch's end (0: epochs only)"
+    )
+    layers: int = Field(2, ge=1, description="gpt: transformer blocks")
+    heads: int = Field(4, ge=1, description="gpt: attention heads")
+    dim: int = Field(128, ge=1, description="gpt: model width")
     epochs: int = Field(10, ge=1, description="passes over the training set")
+    max_steps: int = Field(0, ge=0, description="stop after this many global batches (0: all the epochs)")
     batch_size: int = Field(64, ge=1, description="global batch size (independent of the worker count)")
     lr: float = Field(0.05, gt=0, description="learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
-    optimizer: Literal["sgd", "adam"] = Field("sgd", description="server-side optimizer")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="server-side optimizer")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="learning rate over the run: constant, or cosine decay to lr/10 after the warmup"
+    )
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup from 0 to --lr")
+    clip_grad: float = Field(
+        0.0, ge=0, description="clip the mean gradient to this global L2 norm before each step (0: off)"
+    )
     seed: int = Field(0, ge=0, description="seed of model init and batch order")
     compression: Literal["none", "fp16", "bf16", "int8", "topk"] = Field(
         "none", description="gradient compression on the wire (lossy ones use error feedback; none is exact)"
     )
     topk_fraction: float = Field(0.01, gt=0, le=1, description="topk: fraction of each chunk's elements sent")
     mode: Literal["sync", "diloco", "async"] = Field(
-        "sync", description="sync: one step per global batch; diloco: local steps, then an outer step; async: apply gradients as they come"
+        "sync",
+        description="sync: one step per global batch; diloco: local steps, then an outer step; async: apply gradients as they come",
     )
     local_steps: int = Field(20, ge=1, description="diloco: inner steps per worker per round (H)")
-    inner_optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="diloco: the workers' inner optimizer")
+    inner_optimizer: Literal["adamw", "adam", "sgd"] = Field(
+        "adamw", description="diloco: the workers' inner optimizer"
+    )
     inner_lr: float = Field(0.001, gt=0, description="diloco: the inner optimizer's learning rate")
     outer_lr: float = Field(0.7, gt=0, description="diloco: outer SGD (Nesterov) learning rate")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: outer SGD (Nesterov) momentum")
@@ -114,7 +163,9 @@ class TrainSettings(_Base):
 class OrchestratorSettings(BusSettings, TrainSettings):
     """The orchestrator owns the model, the optimizer and the round plan."""
 
-    workers: int = Field(2, ge=1, description="workers that must be present before round 0")
+    workers: int = Field(
+        2, ge=1, description="workers that must be present before round 0 (reference: the K whose shards it computes)"
+    )
     out: Path = Field(Path("runs/latest"), description="directory for params.npz, metrics.json, curves.png")
     round_warn_seconds: float = Field(30.0, gt=0, description="log a warning when a round waits this long")
     policy: Literal["exact", "quorum"] = Field(
@@ -124,6 +175,11 @@ class OrchestratorSettings(BusSettings, TrainSettings):
     deadline_factor: float = Field(3.0, gt=1, description="adaptive deadline: this many times the median recent round")
     deadline_floor: float = Field(2.0, gt=0, description="adaptive deadline: at least this many seconds")
     deadline_cap: float = Field(60.0, gt=0, description="adaptive deadline: at most this many seconds")
+    overdue_beats: float = Field(
+        3.0,
+        gt=1,
+        description="a worker whose heartbeat is this many of its periods late is not planned into new rounds",
+    )
     source_job: str | None = Field(
         None, pattern=NAME_PATTERN, description="replay: train on this job's stored batches (set by pangea replay)"
     )
@@ -131,6 +187,31 @@ class OrchestratorSettings(BusSettings, TrainSettings):
         "mean", description="how shard gradients are combined (the robust ones resist poisoned gradients)"
     )
     byzantine: int = Field(1, ge=0, description="trimmed-mean/krum: how many contributions may be malicious")
+    min_workers: int | None = Field(
+        None, ge=1, description="autoscaling signal: fewest workers to ask for (default: --workers)"
+    )
+    max_workers: int | None = Field(
+        None, ge=1, description="autoscaling signal: most workers to ask for (default: --workers, no scaling)"
+    )
+    scale_efficiency: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="autoscaling signal: ask for another worker while the last one added at least this "
+        "fraction of a worker's samples/s",
+    )
+
+    scale_cooldown: int = Field(
+        50, ge=0, description="autoscaling signal: rounds to hold after stepping back before trying more again"
+    )
+
+    @field_validator("max_workers")
+    @classmethod
+    def _bounds_in_order(cls, value: int | None, info: ValidationInfo) -> int | None:
+        low = info.data.get("min_workers")
+        if value is not None and low is not None and value < low:
+            raise ValueError(f"below --min-workers {low}")
+        return value
 
     @field_validator("aggregator")
     @classmethod
@@ -138,10 +219,13 @@ class OrchestratorSettings(BusSettings, TrainSettings):
         if value != "mean" and info.data.get("mode") == "async":
             raise ValueError("--mode async applies gradients one at a time: there is nothing to combine robustly")
         return value
+
     clip_norm: float = Field(0.0, ge=0, description="clip each shard gradient to this L2 norm first (0: off)")
     resume: bool = Field(False, description="continue an existing job from its last checkpoint on the bus")
     checkpoint_every: int = Field(10, ge=0, description="store a checkpoint every N rounds (0: only at the end)")
-    checkpoint_keep: int = Field(10, ge=1, description="per-round checkpoints kept for replays (the latest is always kept)")
+    checkpoint_keep: int = Field(
+        10, ge=1, description="per-round checkpoints kept for replays (the latest is always kept)"
+    )
     from_round: int = Field(0, ge=0, description="replay: start at the source's checkpoint at or before this round")
     shards: int = Field(
         1, ge=1, le=16, description="orchestrator shards: S processes each average one slice of the gradient"
@@ -153,9 +237,13 @@ class OrchestratorSettings(BusSettings, TrainSettings):
         if value > 1:
             data = info.data
             if data.get("aggregator", "mean") != "mean" or data.get("clip_norm", 0) > 0:
-                raise ValueError("orchestrator shards need --aggregator mean and no --clip-norm (they see one slice each)")
+                raise ValueError(
+                    "orchestrator shards need --aggregator mean and no --clip-norm (they see one slice each)"
+                )
             if data.get("mode", "sync") == "async":
-                raise ValueError("orchestrator shards need --mode sync or diloco (async applies whole gradients one by one)")
+                raise ValueError(
+                    "orchestrator shards need --mode sync or diloco (async applies whole gradients one by one)"
+                )
             if data.get("policy", "exact") != "exact":
                 raise ValueError("orchestrator shards need --policy exact (every shard must close the same rounds)")
         return value
@@ -178,8 +266,15 @@ class WorkerSettings(BusSettings):
 
     worker_id: str | None = Field(None, pattern=NAME_PATTERN, description="worker id (default: host-pid)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for gradients")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads of each worker (0: torch's default for `pangea worker`; cpu_count // workers for run and reference)",
+    )
     test_delay: float = Field(0.0, ge=0, description="test only: sleep this long before each shard (a straggler)")
+    test_sample_delay: float = Field(
+        0.0, ge=0, description="test only: sleep this long per sample of each shard (compute that scales out)"
+    )
     test_attack: Literal["none", "scale", "random"] = Field(
         "none", description="test only: send a poisoned gradient (x-20, or random noise)"
     )
@@ -194,27 +289,108 @@ class RunSettings(OrchestratorSettings):
     store_dir: Path | None = Field(
         None, description="JetStream store of the embedded server (default: temporary; set it to replay later)"
     )
-    secure: bool = Field(False, description="embedded server with a user and least-privilege permissions per role")
+    secure: Literal["off", "password", "nkey", "jwt"] = Field(
+        "off",
+        description="embedded server with a least-privilege user per role: password, nkey (the server "
+        "holds public keys only) or jwt (an operator, an account, a creds file per role); true: password",
+    )
+
+    @field_validator("secure", mode="before")
+    @classmethod
+    def _secure_switch(cls, value: object) -> object:
+        """`--secure` alone and PANGEA_SECURE=true (before NKeys and JWTs) mean passwords."""
+        switch = {"true": "password", "1": "password", "yes": "password", "false": "off", "0": "off", "no": "off"}
+        if isinstance(value, bool):
+            return "password" if value else "off"
+        return switch.get(str(value).lower(), value)
+
+    autoscale: str | None = Field(
+        None,
+        pattern=r"^[0-9]+:[0-9]+$",
+        description="MIN:MAX: workers follow the orchestrator's signal through `pangea autoscale` "
+        "instead of a fixed --workers (round 0 waits for MIN)",
+    )
+
+    @field_validator("autoscale")
+    @classmethod
+    def _scale_range(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            low, high = (int(v) for v in value.split(":"))
+            if not 1 <= low <= high:
+                raise ValueError("MIN:MAX with 1 <= MIN <= MAX")
+            if info.data.get("secure", "off") != "off":
+                raise ValueError("not with --secure yet (each autoscaled worker would need its own login)")
+        return value
+
+    @property
+    def autoscale_range(self) -> tuple[int, int] | None:
+        return tuple(int(v) for v in self.autoscale.split(":")) if self.autoscale else None
+
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads of each worker (0: torch's default for `pangea worker`; cpu_count // workers for run and reference)",
+    )
 
 
 class ReplaySettings(BusSettings):
     """`pangea replay`: train again on a job's stored batch stream, as a new job."""
 
     nats_url: str | None = Field(None, description="NATS URL(s) of the server holding the job")
+    job: str = Field("pangea", pattern=NAME_PATTERN, description="the job to replay")
     workers: int = Field(2, ge=1, description="workers of the replay (may differ from the original)")
     out: Path | None = Field(None, description="output directory (default: runs/<replay job>)")
-    replay_job: str | None = Field(None, pattern=NAME_PATTERN, description="name of the replay job (default: <job>-replay-<time>)")
+    replay_job: str | None = Field(
+        None, pattern=NAME_PATTERN, description="name of the replay job (default: <job>-replay-<time>)"
+    )
     store_dir: Path | None = Field(None, description="without a URL: the embedded server's store holding the job")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for workers")
     from_round: int = Field(0, ge=0, description="replay: start at the source's checkpoint at or before this round")
 
 
+class AutoscaleSettings(BusSettings):
+    """`pangea autoscale`: run as many local workers for each job on the server as its orchestrator asks for."""
+
+    jobs: str = Field("*", description="which jobs on the server to serve: a glob over job names")
+    min_workers: int = Field(0, ge=0, description="fewest workers for a job that asks for any")
+    max_workers: int = Field(4, ge=1, description="most workers for one job, whatever it asks for")
+    period: float = Field(1.0, gt=0, description="seconds between two looks at the jobs' signals")
+    torch_threads: int = Field(1, ge=0, description="torch intra-op threads of each worker started")
+    log_dir: Path = Field(Path("runs/autoscale"), description="where each started worker's log goes")
+    until_idle: bool = Field(False, description="exit once every job that asked for workers is finished and none run")
+
+    @field_validator("max_workers")
+    @classmethod
+    def _above_min(cls, value: int, info: ValidationInfo) -> int:
+        if value < info.data.get("min_workers", 0):
+            raise ValueError(f"below --min-workers {info.data['min_workers']}")
+        return value
+
+
 class ReferenceSettings(TrainSettings):
     """`pangea reference`: the same training in one process with no bus."""
 
-    workers: int = Field(2, ge=1, description="diloco: how many workers the reference simulates")
-
+    workers: int = Field(
+        2, ge=1, description="shards per round, as K workers would compute them (1: the whole-batch loop)"
+    )
     out: Path = Field(Path("runs/reference"), description="directory for params.npz, metrics.json, curves.png")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads of each worker (0: torch's default for `pangea worker`; cpu_count // workers for run and reference)",
+    )
+    device: Literal["cpu", "cuda"] = Field("cpu", description="torch device for gradients")
+    plans_from: Path | None = Field(
+        None, description="reference: recompute the rounds a run recorded in DIR/plans.jsonl, with its settings"
+    )
+
+
+class VerifySettings(_Base):
+    """`pangea verify DIR`: recompute a finished run from its recorded plans and compare."""
+
+    tolerance: float = Field(1e-6, ge=0, description="verify: largest max |run - recomputed| accepted as exact")
+    dataset: str | None = Field(None, description="override the job spec's dataset path on this host")
+    out: Path | None = Field(None, description="verify: where the recomputed run goes (default DIR/verify)")
 
 
 def load(cls: type[_Base], **overrides) -> _Base:
@@ -228,4 +404,3 @@ def load(cls: type[_Base], **overrides) -> _Base:
         source = f"--{field.replace('_', '-')}" if field in given else f"PANGEA_{field.upper()}"
         value = given.get(field, err.get("input"))
         raise SettingsError(f"invalid setting {source} = {value!r}: {err['msg']}") from None
-

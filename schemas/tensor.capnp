@@ -129,6 +129,13 @@ struct Heartbeat {
   shardsDone @5 :UInt64;
   paramsVersion @6 :UInt64;
   bytesSent @7 :UInt64;   # gradient bytes this worker published so far
+  # The kernels its gradients come from (float results depend on them): see pangea/kernels.py.
+  torchVersion @8 :Text;
+  torchThreads @9 :UInt32;
+  device @10 :Text;
+  cpu @11 :Text;
+  ready @12 :Bool;               # its batch consumer exists and it holds a parameter version
+  heartbeatSeconds @13 :Float64; # its heartbeat period: late by a few of these means overdue
 }
 
 # What a worker needs to join the job: stored in the job's KV bucket.
@@ -158,6 +165,25 @@ struct JobSpec {
   innerOptimizer @22 :Text;
   innerLr @23 :Float64;
   staleness @24 :UInt32;  # async: the staleness bound s
+  task @25 :Text;         # classify | lm | module:function (the loss workers compute)
+  context @26 :UInt32;    # lm: tokens per window
+  vocab @27 :UInt32;      # lm: vocabulary size
+  valFraction @28 :Float64;  # lm: the validation split of the token file
+  layers @29 :UInt32;     # gpt: blocks, heads, width
+  heads @30 :UInt32;
+  dim @31 :UInt32;
+  lrSchedule @32 :Text;   # constant | cosine: the server optimizer's rate over the run
+  warmupSteps @33 :UInt32;
+  clipGrad @34 :Float64;  # global norm the mean gradient is clipped to (0: off)
+  maxSteps @35 :UInt64;   # global batches in the run when fewer than the epochs hold (0: all)
+  outerLr @36 :Float64;   # diloco's outer optimizer
+  outerMomentum @37 :Float64;
+  evalEvery @38 :UInt32;
+  evalWindows @39 :UInt32;
+  aggregator @40 :Text;   # how the orchestrator combined shards, and how strictly
+  byzantine @41 :UInt32;
+  clipNorm @42 :Float64;
+  policy @43 :Text;
 }
 
 # Published by the orchestrator after each optimizer step (progress, status).
@@ -172,4 +198,9 @@ struct RoundDone {
   testAccuracy @7 :Float64;   # NaN when not evaluated this round
   workers @8 :List(Text);
   recentSeconds @9 :List(Float64);  # durations of the last rounds, newest last
+  # Members not planned into new rounds, and why (overdue, quarantined, starting).
+  excludedWorkers @10 :List(Text);
+  excludedReasons @11 :List(Text);
+  figure @12 :Text;              # what testAccuracy holds: the task's headline figure (val_loss for lm)
+  targetsPerSample @13 :UInt32;  # lm: tokens per window (tokens/s = samples/s x this)
 }

@@ -32,7 +32,10 @@ def split(payload: bytes, limit: int, msg_id: str) -> list[tuple[bytes, dict[str
     if count > MAX_FRAMES:
         raise ValueError(f"message of {len(payload)} bytes needs {count} frames (max {MAX_FRAMES})")
     return [
-        (bytes(view[i * limit : (i + 1) * limit]), {"Nats-Msg-Id": f"{msg_id}#{i}", FRAME: f"{i}/{count}", FRAME_OF: msg_id})
+        (
+            bytes(view[i * limit : (i + 1) * limit]),
+            {"Nats-Msg-Id": f"{msg_id}#{i}", FRAME: f"{i}/{count}", FRAME_OF: msg_id},
+        )
         for i in range(count)
     ]
 

@@ -11,12 +11,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from pangea.errors import UserError
 from pangea.lifetime import die_with_parent
 
 log = logging.getLogger(__name__)
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError, RuntimeError):
     """The embedded server could not be started."""
 
 
@@ -58,16 +59,27 @@ class EmbeddedServer:
         self.host = host
         self.port = port or free_port(host)
         self.monitor_port = monitor_port
-        self.max_payload = max_payload
-        self._tmp = None if store_dir else tempfile.TemporaryDirectory(prefix="pangea-nats-")
-        self.store_dir = Path(store_dir or self._tmp.name)
+        self.scheme = scheme
         self.log_file = log_file
         self.name = name
-        self.cluster_port = cluster_port
-        self.routes = routes or []
-        self.extra_config = extra_config  # e.g. an authorization or tls block
-        self.scheme = scheme
+        self._tmp = None if store_dir else tempfile.TemporaryDirectory(prefix="pangea-nats-")
+        self.store_dir = Path(store_dir or self._tmp.name)
+        self._config = self._options(max_payload, name, cluster_port, routes or []) + extra_config
         self._proc: subprocess.Popen | None = None
+
+    def _options(self, max_payload: int | None, name: str | None, cluster_port: int | None, routes: list[int]) -> str:
+        """Config lines beyond listen and JetStream: payload limit, monitoring, cluster."""
+        lines = []
+        if max_payload:
+            lines.append(f"max_payload: {max_payload}")
+        if self.monitor_port is not None:
+            lines.append(f'http: "{self.host}:{self.monitor_port}"')
+        if name:
+            lines.append(f'server_name: "{name}"')
+        if cluster_port:
+            to = ", ".join(f'"nats://{self.host}:{p}"' for p in routes)
+            lines.append(f'cluster {{ name: "pangea", listen: "{self.host}:{cluster_port}", routes: [{to}] }}')
+        return "".join(line + "\n" for line in lines)
 
     @property
     def url(self) -> str:
@@ -77,19 +89,12 @@ class EmbeddedServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         config = self.store_dir / "pangea-nats.conf"
         lines = [f'listen: "{self.host}:{self.port}"', f'jetstream {{ store_dir: "{self.store_dir}" }}']
-        if self.max_payload:
-            lines.append(f"max_payload: {self.max_payload}")
-        if self.monitor_port is not None:
-            lines.append(f'http: "{self.host}:{self.monitor_port}"')
-        if self.name:
-            lines.append(f'server_name: "{self.name}"')
-        if self.cluster_port:
-            routes = ", ".join(f'"nats://{self.host}:{p}"' for p in self.routes)
-            lines.append(f'cluster {{ name: "pangea", listen: "{self.host}:{self.cluster_port}", routes: [{routes}] }}')
-        config.write_text("\n".join(lines) + "\n" + self.extra_config)
+        config.write_text("\n".join(lines) + "\n" + self._config)
         config.chmod(0o600)  # it may hold passwords
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self._proc = subprocess.Popen([find_binary(), "-c", str(config)], stdout=out, stderr=out, preexec_fn=die_with_parent)
+        self._proc = subprocess.Popen(
+            [find_binary(), "-c", str(config)], stdout=out, stderr=out, preexec_fn=die_with_parent
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -7,9 +7,6 @@ are valid subject tokens, stream names and bucket names as they are.
 from __future__ import annotations
 
 PREFIX = "pangea"
-# A durable consumer on the batch stream that the orchestrator advances as rounds close:
-# its pending count is the batches not yet used (what a KEDA nats-jetstream trigger reads).
-BACKLOG_CONSUMER = "backlog"
 
 
 def batches(job: str, worker: str = "*") -> str:
@@ -56,7 +53,25 @@ def members_bucket(job: str) -> str:
 
 
 def job_bucket(job: str) -> str:
+    """The job's KV bucket; its keys are the JobKey names."""
     return f"pangea_{job}_job"
+
+
+def job_of_stream(name: str) -> str | None:
+    """The job whose bucket a stream backs (JetStream stores bucket B as stream KV_B), or None."""
+    if name.startswith("KV_pangea_") and name.endswith("_job"):
+        return name[len("KV_pangea_") : -len("_job")] or None
+    return None
+
+
+class JobKey:
+    """Keys of the job bucket."""
+
+    SPEC = "spec"  # the JobSpec every role builds from
+    GENERATION = "generation"  # the orchestrator generation now running the job
+    ROUND = "round"  # the last RoundDone
+    FINISHED = "finished"  # set (to the round count) once the job is over
+    DESIRED = "desired"  # the autoscaling signal: {"desired": workers, "why": ...}
 
 
 def checkpoint_bucket(job: str) -> str:

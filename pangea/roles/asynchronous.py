@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pangea import codec, telemetry
-from pangea.aggregate import Rejected
+from pangea import telemetry
 from pangea.bus import subjects
-from pangea.chunking import Assembler
-from pangea.data import position
-from pangea.messages import GRADIENT_TENSOR, Gradient, RoundDone, RoundPlan, Shard
+from pangea.errors import Diverged, Reason, Rejected
 from pangea.roles import intake
-from pangea.training import Diverged, batch_rows, evaluate
+from pangea.train.data import position
+from pangea.train.plans import batch_rows
+from pangea.wire import codec
+from pangea.wire.chunking import Assembler
+from pangea.wire.messages import GRADIENT_TENSOR, Gradient, RoundDone, RoundPlan, Shard
 
 if TYPE_CHECKING:
     from pangea.roles.orchestrator import Orchestrator
@@ -59,16 +60,16 @@ class AsyncTrainer:
 
     async def run(self) -> None:
         o = self.o
-        n, size = o.num_samples, o.settings.batch_size
-        for r in range(o.total_rounds):
+        n, size = o.server.num_samples, o.settings.batch_size
+        for r in range(o.server.total_rounds):
             self.epoch_left[position(r, n, size)[0]] += 1
         next_check = 0.0
-        while len(self.resolved) < o.total_rounds:
+        while len(self.resolved) < o.server.total_rounds:
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + 0.5
                 await self._membership()
             await self._fill()
-            delivery = await o._grads.next(timeout=0.1)
+            delivery = await o.inbox.grads.next(timeout=0.1)
             if delivery is None:
                 continue
             done = self._intake(delivery)
@@ -78,13 +79,13 @@ class AsyncTrainer:
 
     async def _membership(self) -> None:
         o = self.o
-        live = await o.members() or await o.wait_for_members(1)
+        live = o.membership.plannable(await o.membership.live()) or await o.membership.wait(1)
         joined, left = sorted(set(live) - set(self.live)), sorted(set(self.live) - set(live))
         if self.live and joined:
-            o._event(self.next_round, "join", f"joined: {', '.join(joined)}")
+            o.event(self.next_round, "join", f"joined: {', '.join(joined)}")
         if left:
-            o._event(self.next_round, "leave", f"left: {', '.join(left)}")
-        self.live = o.known_members = live
+            o.event(self.next_round, "leave", f"left: {', '.join(left)}")
+        self.live = o.membership.known = live
         for worker in left:
             for r in sorted(self.in_hand.pop(worker, set())):
                 if r not in self.resolved:
@@ -95,7 +96,7 @@ class AsyncTrainer:
 
     async def _fill(self) -> None:
         """Give every live worker batches until it holds DEPTH."""
-        while self.next_round < self.o.total_rounds and self.live:
+        while self.next_round < self.o.server.total_rounds and self.live:
             worker = self._least_busy()
             if len(self.in_hand.get(worker, ())) >= DEPTH:
                 return
@@ -104,42 +105,47 @@ class AsyncTrainer:
 
     async def _give(self, r: int, worker: str, why: str = "") -> None:
         o = self.o
-        epoch, step = position(r, o.num_samples, o.settings.batch_size)
-        rows = batch_rows(o.num_samples, o.settings.batch_size, step)
+        epoch, step = position(r, o.server.num_samples, o.settings.batch_size)
+        rows = batch_rows(o.server.num_samples, o.settings.batch_size, step)
         attempt = self.attempts[r]
         self.attempts[r] += 1
         self.in_hand.setdefault(worker, set()).add(r)
         self.assigned.setdefault(r, set()).add(worker)
         if why:
-            o._event(r, "reassign", f"global batch {r} ({why}) -> {worker}")
-        await o.publish_plan(RoundPlan(
-            o.job, "orchestrator", r, epoch, step, rows, (Shard(worker, 0, rows),), attempt=attempt,
-            reissue=(0,) if attempt else (), generation=o.generation,
-        ))
+            o.event(r, "reassign", f"global batch {r} ({why}) -> {worker}")
+        await o.publish_plan(
+            RoundPlan(
+                o.job,
+                "orchestrator",
+                r,
+                epoch,
+                step,
+                rows,
+                (Shard(worker, 0, rows),),
+                attempt=attempt,
+                reissue=(0,) if attempt else (),
+                generation=o.generation,
+            )
+        )
 
     def _intake(self, delivery) -> tuple[int, Gradient, np.ndarray] | None:
         """Check one chunk; (round, gradient, whole vector) once a sender's gradient is complete."""
         o = self.o
-        if len(delivery.payload) > o.bus.max_payload:
-            o._reject("oversized", f"{len(delivery.payload)} bytes on the gradient subject")
-            return None
-        try:
-            grad = codec.decode(delivery.payload, Gradient)
-        except codec.CodecError as exc:
-            o._reject(exc.reason, str(exc))
+        grad = o.gradients.decode(delivery.payload)
+        if grad is None:
             return None
         try:
             self._check(grad)
             values = intake.values(grad)
             if not np.isfinite(values).all() or not np.isfinite(grad.loss):
-                raise Rejected("non_finite", f"round {grad.round} chunk {grad.chunk.index} has NaN/Inf")
-            part = self.partial.setdefault((grad.round, grad.sender), Assembler(o.layout.numel))
+                raise Rejected(Reason.NON_FINITE, f"round {grad.round} chunk {grad.chunk.index} has NaN/Inf")
+            part = self.partial.setdefault((grad.round, grad.sender), Assembler(o.server.layout.numel))
             try:
                 part.add(grad.params_version, grad.chunk, values)
             except ValueError as exc:
-                raise Rejected("wrong_shape", str(exc)) from None
+                raise Rejected(Reason.WRONG_SHAPE, str(exc)) from None
         except Rejected as exc:
-            o._reject(exc.reason, f"from {grad.sender!r}: {exc.detail}")
+            o.reject(exc.reason, f"from {grad.sender!r}: {exc.detail}")
             return None
         if not part.complete:
             return None
@@ -149,28 +155,34 @@ class AsyncTrainer:
     def _check(self, grad: Gradient) -> None:
         o = self.o
         if grad.job != o.job:
-            raise Rejected("wrong_job", f"gradient for job {grad.job!r}")
+            raise Rejected(Reason.WRONG_JOB, f"gradient for job {grad.job!r}")
         if grad.generation != o.generation:
-            raise Rejected("stale_generation", f"generation {grad.generation}, current {o.generation}")
+            raise Rejected(Reason.STALE_GENERATION, f"generation {grad.generation}, current {o.generation}")
         if grad.sender not in self.assigned.get(grad.round, ()):
-            if grad.round >= o.total_rounds or grad.round not in self.assigned:
-                raise Rejected("future_round", f"round {grad.round} was not given out")
-            raise Rejected("not_their_shard", f"global batch {grad.round} is not {grad.sender!r}'s")
+            if grad.round >= o.server.total_rounds or grad.round not in self.assigned:
+                raise Rejected(Reason.FUTURE_ROUND, f"round {grad.round} was not given out")
+            raise Rejected(Reason.NOT_THEIR_SHARD, f"global batch {grad.round} is not {grad.sender!r}'s")
         if grad.round in self.resolved:
-            raise Rejected("straggler_late", f"global batch {grad.round} is already done")
+            raise Rejected(Reason.STRAGGLER_LATE, f"global batch {grad.round} is already done")
         if grad.shard != 0:
-            raise Rejected("unknown_shard", f"async global batches have one shard, got {grad.shard}")
+            raise Rejected(Reason.UNKNOWN_SHARD, f"async global batches have one shard, got {grad.shard}")
         if grad.params_version > self.version:
-            raise Rejected("future_params", f"computed on version {grad.params_version}, newest is {self.version}")
+            raise Rejected(Reason.FUTURE_PARAMS, f"computed on version {grad.params_version}, newest is {self.version}")
         if grad.values.name != GRADIENT_TENSOR:
-            raise Rejected("wrong_name", f"tensor {grad.values.name!r}, expected {GRADIENT_TENSOR!r}")
+            raise Rejected(Reason.WRONG_NAME, f"tensor {grad.values.name!r}, expected {GRADIENT_TENSOR!r}")
         if grad.compression != o.settings.compression:
-            raise Rejected("wrong_compression", f"{grad.compression!r}, the job uses {o.settings.compression!r}")
+            raise Rejected(Reason.WRONG_COMPRESSION, f"{grad.compression!r}, the job uses {o.settings.compression!r}")
         if grad.values.dtype != intake.WIRE_DTYPES[grad.compression]:
-            raise Rejected("wrong_dtype", f"{grad.values.dtype}, expected {intake.WIRE_DTYPES[grad.compression]}")
-        rows = batch_rows(o.num_samples, o.settings.batch_size, position(grad.round, o.num_samples, o.settings.batch_size)[1])
+            raise Rejected(Reason.WRONG_DTYPE, f"{grad.values.dtype}, expected {intake.WIRE_DTYPES[grad.compression]}")
+        rows = batch_rows(
+            o.server.num_samples,
+            o.settings.batch_size,
+            position(grad.round, o.server.num_samples, o.settings.batch_size)[1],
+        )
         if grad.num_samples != rows:
-            raise Rejected("wrong_samples", f"global batch {grad.round} has {rows} samples, got {grad.num_samples}")
+            raise Rejected(
+                Reason.WRONG_SAMPLES, f"global batch {grad.round} has {rows} samples, got {grad.num_samples}"
+            )
 
     async def _apply(self, r: int, grad: Gradient, flat: np.ndarray) -> None:
         o = self.o
@@ -179,14 +191,20 @@ class AsyncTrainer:
             self.in_hand.get(holder, set()).discard(r)
         self.resolved.add(r)
         if tau > o.settings.staleness:
-            o._reject("too_stale", f"global batch {r} from {grad.sender!r} is {tau} updates old (bound {o.settings.staleness})")
+            o.reject(
+                Reason.TOO_STALE,
+                f"global batch {r} from {grad.sender!r} is {tau} updates old (bound {o.settings.staleness})",
+            )
             samples = 0
         else:
             self.staleness[tau] += 1
-            o.layout.set_grads(o.model, flat * np.float32(staleness_weight(tau)))
-            o.optimizer.step()
-            if not all(bool(p.isfinite().all()) for p in o.layout.params(o.model)):
-                raise Diverged(f"training diverged at global batch {r}: the parameters are no longer finite (lower --lr)")
+            update = np.array(flat, dtype=np.float32)  # buffers as the worker left them, the gradient scaled
+            update[: o.server.layout.param_numel] *= np.float32(staleness_weight(tau))
+            o.server.step(update, self.version)
+            if not all(bool(p.isfinite().all()) for p in o.server.layout.params(o.server.model)):
+                raise Diverged(
+                    f"training diverged at global batch {r}: the parameters are no longer finite (lower --lr)"
+                )
             self.version += 1
             await o.publish_params(self.version)
             samples = grad.num_samples
@@ -196,14 +214,22 @@ class AsyncTrainer:
         o = self.o
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
-        epoch = position(r, o.num_samples, o.settings.batch_size)[0]
+        epoch = position(r, o.server.num_samples, o.settings.batch_size)[0]
         self.epoch_left[epoch] -= 1
-        accuracy = float("nan")
+        figure = float("nan")
         if self.epoch_left[epoch] == 0:
-            accuracy = evaluate(o.model, o.dataset.x_test, o.dataset.y_test)
-            o.metrics.test_accuracy.append(accuracy)
-            log.info("epoch %d done (%d/%d global batches, version %d): test accuracy %.4f",
-                     epoch + 1, len(self.resolved), o.total_rounds, self.version, accuracy)
+            figures = o.server.evaluate()
+            o.metrics.add_evaluation(len(self.resolved) - 1, figures, 1)
+            figure = figures[o.server.task.headline]
+            log.info(
+                "epoch %d done (%d/%d global batches, version %d): %s %.4f",
+                epoch + 1,
+                len(self.resolved),
+                o.server.total_rounds,
+                self.version,
+                o.server.task.headline,
+                figure,
+            )
         o.metrics.loss.append(grad.loss)
         o.metrics.round_seconds.append(seconds)
         o.metrics.samples.append(samples)
@@ -212,8 +238,21 @@ class AsyncTrainer:
         telemetry.ROUNDS.inc()
         telemetry.SAMPLES.inc(samples)
         telemetry.LOSS.set(grad.loss)
-        done = RoundDone(o.job, "orchestrator", len(self.resolved) - 1, o.total_rounds, epoch, grad.loss, seconds,
-                         samples, accuracy, tuple(self.live), tuple(o.metrics.round_seconds[-20:]))
+        done = RoundDone(
+            o.job,
+            "orchestrator",
+            len(self.resolved) - 1,
+            o.server.total_rounds,
+            epoch,
+            grad.loss,
+            seconds,
+            samples,
+            figure,
+            tuple(self.live),
+            tuple(o.metrics.round_seconds[-20:]),
+            figure=o.server.task.headline,
+            targets_per_sample=o.server.data.targets_per_sample,
+        )
         payload = codec.encode(done)
         await o.bus.publish_event(subjects.rounds(o.job), payload)
-        await o.bus.kv_put(subjects.job_bucket(o.job), "round", payload)
+        await o.bus.kv_put(subjects.job_bucket(o.job), subjects.JobKey.ROUND, payload)

@@ -8,18 +8,25 @@ from collections.abc import Collection, Mapping
 
 import numpy as np
 
-from pangea.aggregate import Rejected
-from pangea.chunking import bounds
-from pangea.compress import Compressed, decompress
-from pangea.messages import GRADIENT_TENSOR, Gradient, RoundPlan
+from pangea.errors import Reason, Rejected
+from pangea.wire.chunking import bounds
+from pangea.wire.compress import Compressed, decompress
+from pangea.wire.messages import GRADIENT_TENSOR, Gradient, RoundPlan
 
 # The dtype each compression mode puts on the wire.
 WIRE_DTYPES = {"none": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8", "topk": "float32"}
 
 
 def check(
-    grad: Gradient, plan: RoundPlan, *, job: str, generation: int, compression: str,
-    assigned: Mapping[int, Collection[str]], members: Collection[str], late: Collection[tuple[int, int]],
+    grad: Gradient,
+    plan: RoundPlan,
+    *,
+    job: str,
+    generation: int,
+    compression: str,
+    assigned: Mapping[int, Collection[str]],
+    members: Collection[str],
+    late: Collection[tuple[int, int]],
 ) -> None:
     """Refuse a chunk that is not for this job, generation, round, sender and format.
 
@@ -28,27 +35,27 @@ def check(
     are expected and refused quietly as `straggler_late`.
     """
     if grad.job != job:
-        raise Rejected("wrong_job", f"gradient for job {grad.job!r}")
+        raise Rejected(Reason.WRONG_JOB, f"gradient for job {grad.job!r}")
     if grad.generation != generation:
-        raise Rejected("stale_generation", f"generation {grad.generation}, current {generation}")
+        raise Rejected(Reason.STALE_GENERATION, f"generation {grad.generation}, current {generation}")
     if grad.sender not in members and not any(grad.sender in a for a in assigned.values()):
-        raise Rejected("unknown_sender", f"{grad.sender!r} is not a member of the job")
+        raise Rejected(Reason.UNKNOWN_SENDER, f"{grad.sender!r} is not a member of the job")
     if grad.round < plan.round:
         if (grad.round, grad.shard) in late:
-            raise Rejected("straggler_late", f"round {grad.round} shard {grad.shard} was re-issued or dropped")
-        raise Rejected("stale_round", f"round {grad.round}, current {plan.round}")
+            raise Rejected(Reason.STRAGGLER_LATE, f"round {grad.round} shard {grad.shard} was re-issued or dropped")
+        raise Rejected(Reason.STALE_ROUND, f"round {grad.round}, current {plan.round}")
     if grad.round > plan.round:
-        raise Rejected("future_round", f"round {grad.round}, current {plan.round}")
+        raise Rejected(Reason.FUTURE_ROUND, f"round {grad.round}, current {plan.round}")
     if grad.sender not in assigned.get(grad.shard, ()):
-        raise Rejected("not_their_shard", f"shard {grad.shard} of round {plan.round} is not theirs")
+        raise Rejected(Reason.NOT_THEIR_SHARD, f"shard {grad.shard} of round {plan.round} is not theirs")
     if grad.params_version != plan.round:
-        raise Rejected("stale_params", f"computed on version {grad.params_version}, need {plan.round}")
+        raise Rejected(Reason.STALE_PARAMS, f"computed on version {grad.params_version}, need {plan.round}")
     if grad.values.name != GRADIENT_TENSOR:
-        raise Rejected("wrong_name", f"tensor {grad.values.name!r}, expected {GRADIENT_TENSOR!r}")
+        raise Rejected(Reason.WRONG_NAME, f"tensor {grad.values.name!r}, expected {GRADIENT_TENSOR!r}")
     if grad.compression != compression:
-        raise Rejected("wrong_compression", f"{grad.compression!r}, the job uses {compression!r}")
+        raise Rejected(Reason.WRONG_COMPRESSION, f"{grad.compression!r}, the job uses {compression!r}")
     if grad.values.dtype != WIRE_DTYPES[grad.compression]:
-        raise Rejected("wrong_dtype", f"{grad.values.dtype}, expected {WIRE_DTYPES[grad.compression]}")
+        raise Rejected(Reason.WRONG_DTYPE, f"{grad.values.dtype}, expected {WIRE_DTYPES[grad.compression]}")
 
 
 def values(grad: Gradient) -> np.ndarray:
@@ -64,9 +71,9 @@ def values(grad: Gradient) -> np.ndarray:
     indices = grad.indices.numpy().reshape(-1) if grad.compression == "topk" else None
     if indices is not None:
         if grad.indices.dtype != "uint32" or indices.shape != raw.shape or (indices.size and indices.max() >= size):
-            raise Rejected("wrong_shape", "top-k indices do not match the values or the chunk")
+            raise Rejected(Reason.WRONG_SHAPE, "top-k indices do not match the values or the chunk")
     elif raw.size != size:
-        raise Rejected("wrong_shape", f"{raw.size} compressed values for a chunk of {size}")
+        raise Rejected(Reason.WRONG_SHAPE, f"{raw.size} compressed values for a chunk of {size}")
     if grad.compression == "int8" and not (np.isfinite(grad.scale) and grad.scale > 0):
-        raise Rejected("non_finite", f"int8 scale {grad.scale}")
+        raise Rejected(Reason.NON_FINITE, f"int8 scale {grad.scale}")
     return decompress(Compressed(grad.compression, raw, size, grad.scale, indices))

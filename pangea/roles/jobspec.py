@@ -1,24 +1,60 @@
-"""Reading the job spec that the orchestrator stores on the bus."""
+"""The job spec the orchestrator stores on the bus: made from its settings, read by every role,
+and turned back into settings by a replay.
+
+One field list: every `JobSpec` field that is also a setting is carried under its own name, so a
+replay trains with every setting of its job; the few fields whose form differs on the wire are
+converted in one place each (`hidden`, `vocab`, `source_job`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
-from pangea import codec
 from pangea.bus import subjects
 from pangea.bus.client import Bus
-from pangea.messages import JobSpec
+from pangea.settings import OrchestratorSettings
+from pangea.wire import codec
+from pangea.wire.messages import JobSpec
 
 log = logging.getLogger(__name__)
+_CONVERTED = {"job", "sender", "hidden", "vocab", "source_job"}
+CARRIED = tuple(
+    f.name
+    for f in dataclasses.fields(JobSpec)
+    if f.name in OrchestratorSettings.model_fields and f.name not in _CONVERTED
+)
+
+
+def spec_from_settings(settings: OrchestratorSettings, sender: str, **derived) -> JobSpec:
+    """The spec of a job run with `settings`; `derived`: what the orchestrator read off its model
+    and data (input_shape, num_classes, num_params, layout_hash, total_rounds, vocab)."""
+    carried = {name: getattr(settings, name) for name in CARRIED}
+    return JobSpec(
+        job=settings.job,
+        sender=sender,
+        hidden=settings.hidden_sizes,
+        source_job=settings.source_job or "",
+        **carried,
+        **derived,
+    )
+
+
+def settings_from_spec(spec: JobSpec) -> dict:
+    """The settings a replay of this job trains with (every carried one, under its own name)."""
+    values = {name: getattr(spec, name) for name in CARRIED}
+    values.update(hidden=",".join(map(str, spec.hidden)), vocab=spec.vocab)
+    values["task"] = values["task"] or "classify"  # "" from a writer older than tasks
+    return values
 
 
 async def wait_for_job_spec(bus: Bus, poll: float = 0.2) -> JobSpec:
     """The job's spec, waiting (and saying so every few seconds) until the orchestrator wrote it."""
     announced = time.monotonic()
     while True:
-        raw = await bus.kv_get(subjects.job_bucket(bus.job), "spec")
+        raw = await bus.kv_get(subjects.job_bucket(bus.job), subjects.JobKey.SPEC)
         if raw is not None:
             return codec.decode(raw, JobSpec)
         if time.monotonic() - announced > 5:

@@ -10,17 +10,21 @@ job's stored batch stream instead of the dataset.
 from __future__ import annotations
 
 import logging
+import resource
 from collections import deque
 
 import numpy as np
 
-from pangea import codec, diloco
 from pangea.bus import subjects
 from pangea.bus.client import Bus
-from pangea.data import DataError, global_batch, load_dataset, position, steps_per_epoch
-from pangea.messages import Batch, JobSpec, RoundPlan, Tensor
+from pangea.errors import DataError
 from pangea.roles.jobspec import wait_for_job_spec
 from pangea.settings import PreprocessorSettings
+from pangea.train.data import steps_per_epoch
+from pangea.train.plans import batch_rows, shard_rows
+from pangea.train.sources import load_data
+from pangea.wire import codec
+from pangea.wire.messages import Batch, JobSpec, RoundPlan, Tensor
 
 log = logging.getLogger(__name__)
 SENDER = "preprocessor"
@@ -31,25 +35,30 @@ class DatasetSource:
     """Global batches from the training set, in the seeded order every role agrees on."""
 
     def __init__(self, spec: JobSpec, dataset_path: str) -> None:
-        dataset = load_dataset(dataset_path)
-        if dataset.input_shape != spec.input_shape:
+        self.data = load_data(
+            spec.task or "classify",
+            dataset_path,
+            context=spec.context,
+            vocab=spec.vocab,
+            val_fraction=spec.val_fraction,
+        )
+        if self.data.input_shape != spec.input_shape:
             raise DataError(
-                f"dataset {dataset.name} has samples of shape {dataset.input_shape}, job expects {spec.input_shape}"
+                f"dataset {self.data.name} has samples of shape {self.data.input_shape}, job expects {spec.input_shape}"
             )
-        self.x, self.y, self.spec = dataset.x_train, dataset.y_train, spec
-        log.info("serving %d training samples of %s", len(self.x), dataset.name)
+        self.spec = spec
+        self.num_samples = self.data.num_samples
+        log.info("serving %d training samples of %s", self.num_samples, self.data.name)
 
     async def global_batch(self, plan: RoundPlan) -> tuple[np.ndarray, np.ndarray]:
-        idx = global_batch(len(self.x), self.spec.batch_size, self.spec.seed, plan.epoch, plan.step)
-        if len(idx) != plan.batch_size:
-            raise DataError(f"plan {plan.round} asks for {plan.batch_size} rows, global batch has {len(idx)}")
-        return self.x[idx], self.y[idx]
+        rows = batch_rows(self.num_samples, self.spec.batch_size, plan.step)
+        if rows != plan.batch_size:
+            raise DataError(f"plan {plan.round} asks for {plan.batch_size} rows, global batch has {rows}")
+        return self.at(plan.epoch * steps_per_epoch(self.num_samples, self.spec.batch_size) + plan.step)
 
     def at(self, global_step: int) -> tuple[np.ndarray, np.ndarray]:
         """Global batch number `global_step` of the run (diloco rounds cover several)."""
-        epoch, step = position(global_step, len(self.x), self.spec.batch_size)
-        idx = global_batch(len(self.x), self.spec.batch_size, self.spec.seed, epoch, step)
-        return self.x[idx], self.y[idx]
+        return self.data.batch(self.spec.seed, self.spec.batch_size, global_step, 0, self.spec.batch_size)
 
 
 class StreamSource:
@@ -67,8 +76,12 @@ class StreamSource:
             # From the start every time: a restarted preprocessor rebuilds the round it was on.
             await self.bus.delete_consumer("batches", f"replay-{self.bus.job}", job=self.source)
             self.puller = await self.bus.pull(
-                "batches", subjects.batches(self.source), durable=f"replay-{self.bus.job}", job=self.source,
-                batch=64, inactive_threshold=3600,
+                "batches",
+                subjects.batches(self.source),
+                durable=f"replay-{self.bus.job}",
+                job=self.source,
+                batch=64,
+                inactive_threshold=3600,
             )
             log.info("replaying the stored batches of job %s", self.source)
         r = plan.round
@@ -129,7 +142,8 @@ class Preprocessor:
                 continue
             if plan.final:
                 await delivery.ack()
-                log.info("final plan received after round %d: done", plan.round - 1)
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+                log.info("final plan received after round %d: done; peak RSS %.0f MB", plan.round - 1, peak)
                 return
             await self.publish_round(plan)
             await delivery.ack()
@@ -143,8 +157,17 @@ class Preprocessor:
         for i in chosen:
             shard = plan.shards[i]
             batch = Batch(
-                self.job, SENDER, plan.round, plan.epoch, plan.step, shard.worker, i, shard.start, shard.stop,
-                Tensor.from_numpy(x[shard.start : shard.stop], "x"), Tensor.from_numpy(y[shard.start : shard.stop], "y"),
+                self.job,
+                SENDER,
+                plan.round,
+                plan.epoch,
+                plan.step,
+                shard.worker,
+                i,
+                shard.start,
+                shard.stop,
+                Tensor.from_numpy(x[shard.start : shard.stop], "x"),
+                Tensor.from_numpy(y[shard.start : shard.stop], "y"),
                 plan.generation,
             )
             msg_id = f"batch:{plan.generation}:{plan.round}:{i}:{plan.attempt}"
@@ -158,7 +181,7 @@ class Preprocessor:
         """diloco: shard i of each of the round's global batches, in order, as one Batch each."""
         if not isinstance(self.source, DatasetSource):
             raise DataError("replaying a diloco job from its stored batches is not supported yet")
-        n, size = len(self.source.x), self.source.spec.batch_size
+        n, size = self.source.num_samples, self.source.spec.batch_size
         first = plan.epoch * steps_per_epoch(n, size) + plan.step
         chosen = plan.reissue if plan.attempt else range(len(plan.shards))
         items = []
@@ -166,11 +189,22 @@ class Preprocessor:
             x, y = self.source.at(first + h)
             for i in chosen:
                 worker = plan.shards[i].worker
-                a, b = diloco.shard_rows(n, size, first + h, len(plan.shards), i)
+                a, b = shard_rows(n, size, first + h, len(plan.shards), i)
                 batch = Batch(
-                    self.job, SENDER, plan.round, plan.epoch, plan.step, worker, i, a, b,
-                    Tensor.from_numpy(x[a:b], "x"), Tensor.from_numpy(y[a:b], "y"), plan.generation,
-                    h, plan.inner_steps,
+                    self.job,
+                    SENDER,
+                    plan.round,
+                    plan.epoch,
+                    plan.step,
+                    worker,
+                    i,
+                    a,
+                    b,
+                    Tensor.from_numpy(x[a:b], "x"),
+                    Tensor.from_numpy(y[a:b], "y"),
+                    plan.generation,
+                    h,
+                    plan.inner_steps,
                 )
                 msg_id = f"batch:{plan.generation}:{plan.round}:{i}:{plan.attempt}:{h}"
                 items.append((subjects.batches(self.job, worker), codec.encode(batch), msg_id))

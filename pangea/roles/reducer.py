@@ -17,60 +17,82 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass, field
 
-from pangea import codec, telemetry
-from pangea.aggregate import Rejected, RoundAccumulator
+from pangea import telemetry
 from pangea.bus import subjects
-from pangea.bus.client import Bus, BusError, Delivery
-from pangea.chunking import bounds, split
-from pangea.messages import GRADIENT_TENSOR, Gradient, RoundPlan, Tensor
-from pangea.roles import intake
+from pangea.bus.client import Bus, Delivery
+from pangea.errors import Reason, Rejected, SettingsError
+from pangea.roles.gradients import GradientIntake
 from pangea.roles.jobspec import wait_for_job_spec
 from pangea.roles.slices import shard_name
 from pangea.settings import ReducerSettings
+from pangea.train.aggregate import RoundAccumulator
+from pangea.wire import codec
+from pangea.wire.chunking import bounds, split
+from pangea.wire.messages import GRADIENT_TENSOR, Gradient, RoundPlan, Tensor
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundInHand:
+    """The round this shard is averaging: its plan, its sum so far, the chunks to acknowledge."""
+
+    plan: RoundPlan
+    acc: RoundAccumulator
+    pending: list[Delivery] = field(default_factory=list)  # its chunks, acknowledged once its mean is stored
+    sent: bool = False  # its mean slice is stored
+
+    @property
+    def stamp(self) -> tuple[int, int]:
+        return (self.plan.generation, self.plan.round)
 
 
 class Reducer:
     def __init__(self, settings: ReducerSettings, bus: Bus) -> None:
         self.settings = settings
         self.bus = bus
-        self.job = settings.job
         self.shard = settings.shard
-        self.name = shard_name(self.shard)
         self.rejected: Counter[str] = Counter()
-        self.plan: RoundPlan | None = None
-        self.acc: RoundAccumulator | None = None
-        self.assigned: dict[int, set[str]] = {}
-        self.late: set[tuple[int, int]] = set()
-        self.pending: list[Delivery] = []  # this round's chunks, acknowledged once its mean is stored
-        self.sent = False
+        self.round: RoundInHand | None = None
+        self.gradients: GradientIntake | None = None  # once the job's spec is read
         self.rounds_done = 0
         self.final = False
+
+    @property
+    def job(self) -> str:
+        return self.settings.job
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.shard)
 
     async def run(self) -> None:
         spec = await wait_for_job_spec(self.bus)
         self.spec = spec
         shards = max(1, spec.shards)
         if self.shard >= shards:
-            raise BusError(
+            raise SettingsError(
                 f"job {self.job!r} has {shards} orchestrator shard(s): --shard {self.shard} is not one of 1..{shards - 1}"
             )
-        self.lo, self.hi = bounds(spec.num_params, shards, self.shard)
+        self.span = bounds(spec.num_params, shards, self.shard)
+        self.gradients = GradientIntake(self.job, spec.compression, self.bus.max_payload, self._reject)
         durable = self.name
         self.plans = await self.bus.pull("plans", subjects.plans(self.job), durable=durable, batch=16)
         self.grads = await self.bus.pull("grads", subjects.grads(self.job, self.shard), durable=durable, batch=256)
-        log.info("orchestrator shard %d of job %s: averaging parameters [%d, %d)", self.shard, self.job, self.lo, self.hi)
+        log.info("orchestrator shard %d of job %s: averaging parameters [%d, %d)", self.shard, self.job, *self.span)
         while not self.final:
             delivery = await self.grads.next(timeout=0.2)
             if delivery is None:
                 await self._read_plans(timeout=0.05)  # idle: re-issues, a new generation, the end
                 continue
             await self._intake(delivery)
-            if self.acc is not None and self.acc.complete and not self.sent:
+            if self.round is not None and self.round.acc.complete and not self.round.sent:
                 await self._publish()
-        log.info("orchestrator shard %d done: %d rounds, rejected %s", self.shard, self.rounds_done, dict(self.rejected))
+        log.info(
+            "orchestrator shard %d done: %d rounds, rejected %s", self.shard, self.rounds_done, dict(self.rejected)
+        )
 
     async def _read_plans(self, timeout: float) -> None:
         """Apply the plans that arrived, waiting up to `timeout` for the first one.
@@ -81,17 +103,19 @@ class Reducer:
             try:
                 await self._follow(codec.decode(delivery.payload, RoundPlan))
             except codec.CodecError as exc:
-                self._reject("malformed", f"plan: {exc}")
+                self._reject(Reason.MALFORMED, f"plan: {exc}")
             await delivery.ack()
             timeout = 0.05
 
     def _knows(self, grad: Gradient) -> bool:
         """Whether the plans read so far cover this chunk's round and sender."""
         stamp = (grad.generation, grad.round)
-        return stamp < self._stamp() or (stamp == self._stamp() and grad.sender in self.assigned.get(grad.shard, ()))
+        return stamp < self._stamp() or (
+            stamp == self._stamp() and grad.sender in self.gradients.assigned.get(grad.shard, ())
+        )
 
     def _stamp(self) -> tuple[int, int]:
-        return (self.plan.generation, self.plan.round) if self.plan else (-1, -1)
+        return self.round.stamp if self.round else (-1, -1)
 
     async def _follow(self, plan: RoundPlan) -> None:
         if plan.final:
@@ -102,77 +126,78 @@ class Reducer:
             return
         if stamp == self._stamp():  # a re-issue: more workers may now send these shards
             for s in plan.reissue:
-                self.assigned[s].add(plan.shards[s].worker)
-                self.late.add((plan.round, s))
+                self.gradients.give(s, plan.shards[s].worker)
+                self.gradients.late.add((plan.round, s))
             return
         await self._drop_pending()  # the previous round is closed (or abandoned by a new generation)
-        self.plan = plan
-        self.acc = RoundAccumulator(plan.round, self.hi - self.lo, {i: s.size for i, s in enumerate(plan.shards)})
-        self.assigned = {i: {s.worker} for i, s in enumerate(plan.shards)}
-        self.sent = False
+        lo, hi = self.span
+        self.round = RoundInHand(
+            plan,
+            RoundAccumulator(plan.round, hi - lo, {i: s.size for i, s in enumerate(plan.shards)}),
+        )
+        self.gradients.new_round(plan)
 
     async def _intake(self, delivery: Delivery) -> None:
-        if len(delivery.payload) > self.bus.max_payload:
-            self._reject("oversized", f"{len(delivery.payload)} bytes on the gradient subject")
-            await delivery.ack()
-            return
-        try:
-            grad = codec.decode(delivery.payload, Gradient)
-        except codec.CodecError as exc:
-            self._reject(exc.reason, str(exc))
-            await delivery.ack()
-            return
-        # A worker computes only after its plan is stored: if this chunk is news, read the plans.
-        if not self._knows(grad):
-            await self._read_plans(timeout=1.0)
-        try:
-            if self.plan is None:
-                raise Rejected("future_round", f"round {grad.round} before any plan")
-            if self.sent and grad.round == self.plan.round:
-                raise Rejected("duplicate", f"round {grad.round} is already averaged")
-            intake.check(
-                grad, self.plan, job=self.job, generation=self.plan.generation, compression=self.spec.compression,
-                assigned=self.assigned, members=(), late=self.late,
-            )
-            self.acc.add(grad.shard, grad.num_samples, grad.loss, grad.chunk, intake.values(grad))
-        except Rejected as exc:
-            if exc.reason == "duplicate" and (grad.round, grad.shard) in self.late:
-                exc.reason = "straggler_late"  # a re-issued shard's second copy: expected
-            self._reject(exc.reason, f"from {grad.sender!r}: {exc.detail}")
-            await delivery.ack()
-            return
-        self.pending.append(delivery)
+        grad = self.gradients.decode(delivery.payload)
+        if grad is not None:
+            # A worker computes only after its plan is stored: if this chunk is news, read the plans.
+            if not self._knows(grad):
+                await self._read_plans(timeout=1.0)
+            if self.round is None:
+                self.gradients.refuse(grad, Rejected(Reason.FUTURE_ROUND, f"round {grad.round} before any plan"))
+            elif self.round.sent and grad.round == self.round.plan.round:
+                self.gradients.refuse(grad, Rejected(Reason.DUPLICATE, f"round {grad.round} is already averaged"))
+            else:
+                plan = self.round.plan
+                if self.gradients.add(plan, self.round.acc, grad, generation=plan.generation, members=()):
+                    self.round.pending.append(delivery)  # acknowledged once the round's mean is stored
+                    return
+        await delivery.ack()
 
     async def _publish(self) -> None:
-        plan, acc = self.plan, self.acc
+        plan, acc = self.round.plan, self.round.acc
         mean = acc.mean()
 
         def items():
             for chunk, values in split(mean, self.bus.chunk_bytes):
                 msg = Gradient(
-                    self.job, self.name, plan.round, self.shard, acc.total_samples, acc.loss(), plan.round,
-                    chunk, Tensor.from_numpy(values, GRADIENT_TENSOR), plan.generation,
+                    self.job,
+                    self.name,
+                    plan.round,
+                    self.shard,
+                    acc.total_samples,
+                    acc.loss(),
+                    plan.round,
+                    chunk,
+                    Tensor.from_numpy(values, GRADIENT_TENSOR),
+                    plan.generation,
                 )
-                yield subjects.reduced(self.job), codec.encode(msg), f"reduced:{plan.generation}:{plan.round}:{self.shard}:{chunk.index}"
+                yield (
+                    subjects.reduced(self.job),
+                    codec.encode(msg),
+                    f"reduced:{plan.generation}:{plan.round}:{self.shard}:{chunk.index}",
+                )
 
         await self.bus.publish(items())
-        self.sent = True
+        self.round.sent = True
         self.rounds_done += 1
         telemetry.ROUNDS.inc()
-        for delivery in self.pending:
-            await delivery.ack()
-        self.pending = []
-
-    async def _drop_pending(self) -> None:
-        """Chunks of a round that will never be averaged here (a new generation took over)."""
-        if self.pending:
-            log.info("round %d abandoned with %d chunks in hand", self.plan.round, len(self.pending))
-        pending, self.pending = self.pending, []
+        pending, self.round.pending = self.round.pending, []
         for delivery in pending:
             await delivery.ack()
 
-    def _reject(self, reason: str, detail: str) -> None:
+    async def _drop_pending(self) -> None:
+        """Chunks of a round that will never be averaged here (a new generation took over)."""
+        if self.round is None:
+            return
+        pending, self.round.pending = self.round.pending, []
+        if pending:
+            log.info("round %d abandoned with %d chunks in hand", self.round.plan.round, len(pending))
+        for delivery in pending:
+            await delivery.ack()
+
+    def _reject(self, reason: str, detail: str) -> bool:
         self.rejected[reason] += 1
         telemetry.REJECTED.labels(reason).inc()
         log.warning("rejected (%s): %s", reason, detail)
-
+        return False

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pangea import codec
-from pangea.chunking import Assembler, bounds
-from pangea.messages import GRADIENT_TENSOR, Gradient, RoundPlan
+from pangea.errors import Reason, Rejected
+from pangea.wire import codec
+from pangea.wire.chunking import Assembler, bounds
+from pangea.wire.messages import GRADIENT_TENSOR, Gradient, RoundPlan
 
 
 def shard_name(shard: int) -> str:
@@ -41,36 +42,46 @@ class Slices:
     def missing_names(self) -> list[str]:
         return [shard_name(s) for s, part in self._parts.items() if not part.complete]
 
-    def add(self, plan: RoundPlan, generation: int, payload: bytes, max_payload: int) -> tuple[str, str] | None:
-        """Take one chunk of a shard's mean slice; returns (reason, detail) if it is refused."""
+    def add(self, plan: RoundPlan, generation: int, payload: bytes, max_payload: int) -> None:
+        """Take one chunk of a shard's mean slice; `Rejected` if it is refused (nothing taken)."""
         if len(payload) > max_payload:
-            return "oversized", f"{len(payload)} bytes on the reduced subject"
+            raise Rejected(Reason.OVERSIZED, f"{len(payload)} bytes on the reduced subject")
         try:
             grad = codec.decode(payload, Gradient)
         except codec.CodecError as exc:
-            return exc.reason, str(exc)
+            raise Rejected(exc.reason, str(exc)) from None
         if grad.job != plan.job:
-            return "wrong_job", f"reduced slice for job {grad.job!r}"
+            raise Rejected(Reason.WRONG_JOB, f"reduced slice for job {grad.job!r}")
         if grad.generation != generation:
-            return "stale_generation", f"reduced slice of generation {grad.generation}, current {generation}"
+            raise Rejected(
+                Reason.STALE_GENERATION, f"reduced slice of generation {grad.generation}, current {generation}"
+            )
         if grad.shard not in self._parts or grad.sender != shard_name(grad.shard):
-            return "unknown_sender", f"{grad.sender!r} sent slice {grad.shard} (shards 1..{self.count - 1} exist)"
+            raise Rejected(
+                Reason.UNKNOWN_SENDER, f"{grad.sender!r} sent slice {grad.shard} (shards 1..{self.count - 1} exist)"
+            )
         if grad.round != plan.round:
-            return ("stale_round" if grad.round < plan.round else "future_round"), f"reduced slice of round {grad.round}, current {plan.round}"
+            late = grad.round < plan.round
+            raise Rejected(
+                Reason.STALE_ROUND if late else Reason.FUTURE_ROUND,
+                f"reduced slice of round {grad.round}, current {plan.round}",
+            )
         if grad.num_samples != plan.batch_size:
-            return "wrong_samples", f"slice {grad.shard} averaged {grad.num_samples} samples, the round has {plan.batch_size}"
+            raise Rejected(
+                Reason.WRONG_SAMPLES,
+                f"slice {grad.shard} averaged {grad.num_samples} samples, the round has {plan.batch_size}",
+            )
         if grad.values.name != GRADIENT_TENSOR or grad.values.dtype != "float32":
-            return "wrong_dtype", f"reduced slice {grad.values.name!r} of {grad.values.dtype}"
+            raise Rejected(Reason.WRONG_DTYPE, f"reduced slice {grad.values.name!r} of {grad.values.dtype}")
         values = grad.values.numpy()
         if values.ndim != 1:
-            return "wrong_shape", f"reduced slice values of shape {values.shape}"
+            raise Rejected(Reason.WRONG_SHAPE, f"reduced slice values of shape {values.shape}")
         if not np.isfinite(values).all():
-            return "non_finite", f"reduced slice {grad.shard} of round {grad.round} has NaN/Inf"
+            raise Rejected(Reason.NON_FINITE, f"reduced slice {grad.shard} of round {grad.round} has NaN/Inf")
         try:
             self._parts[grad.shard].add(plan.round, grad.chunk, values)
         except ValueError as exc:
-            return "wrong_shape", f"reduced slice {grad.shard}: {exc}"
-        return None
+            raise Rejected(Reason.WRONG_SHAPE, f"reduced slice {grad.shard}: {exc}") from None
 
     def join(self, own: np.ndarray) -> np.ndarray:
         """The whole mean gradient: our slice 0, then the shards' slices in order."""

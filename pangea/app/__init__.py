@@ -1,0 +1,1 @@
+"""The application: the `pangea` command, the local supervisor, status, export, docs."""

@@ -1,0 +1,137 @@
+"""Opening a NATS connection: credentials and TLS, the first connect, and its one-line failures."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Protocol
+
+import nats
+import nats.errors
+import nats.js.errors
+
+from pangea import telemetry
+from pangea.bus import credentials
+from pangea.bus.errors import BusError
+from pangea.settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+ACK_TIMEOUT = 10.0  # one acknowledgement; a lost one is resent (the msg id makes that safe)
+_PENDING_SIZE = 128 << 20  # client-side buffer while reconnecting
+
+
+class Watcher(Protocol):
+    """What the connection's callbacks ask of its owner (the Bus)."""
+
+    connected: bool  # the first connection succeeded: later trouble is logged, not raised
+    closing: bool  # closing on purpose: a disconnect is expected
+
+
+def options(settings: BusSettings) -> dict:
+    """nats.connect() keyword arguments for the configured authentication and TLS."""
+    found: dict = {}
+    if settings.nats_token:
+        found["token"] = settings.nats_token.get_secret_value()
+    if settings.nats_user:
+        found["user"] = settings.nats_user
+        found["password"] = settings.nats_password.get_secret_value() if settings.nats_password else ""
+    if settings.nats_nkey_seed:
+        found["nkeys_seed"] = str(credentials.check_seed_file(settings.nats_nkey_seed))
+    if settings.nats_creds:
+        found["user_credentials"] = str(credentials.check_creds_file(settings.nats_creds))
+    if settings.tls_ca or settings.tls_cert:
+        context = ssl.create_default_context(cafile=str(settings.tls_ca) if settings.tls_ca else None)
+        if settings.tls_cert:
+            context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key) if settings.tls_key else None)
+        found["tls"] = context
+    return found
+
+
+def refused(exc: Exception) -> bool:
+    """The server turned the credentials down (unknown user, wrong secret, expired JWT)."""
+    text = str(exc).lower()
+    return "authorization" in text or "authentication" in text
+
+
+async def _first_connect(nc, refusal: asyncio.Future, timeout: float, **kwargs) -> None:
+    """`nc.connect(**kwargs)` within `timeout` seconds, or the server's refusal as soon as it
+    comes: nats-py retries refused credentials like an unreachable server, and they stay wrong."""
+    connecting = asyncio.ensure_future(nc.connect(**kwargs))
+    done, _ = await asyncio.wait({connecting, refusal}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if connecting in done:
+        connecting.result()  # raises what nats-py raised
+        return
+    connecting.cancel()
+    try:
+        await nc.close()
+    except Exception:  # noqa: BLE001 - a half-open connection: nothing left to close
+        pass
+    if refusal.done():
+        raise refusal.result()
+    raise TimeoutError()
+
+
+async def open_connection(settings: BusSettings, name: str, watcher: Watcher, publish_pending: int):
+    """(nc, js) connected to the configured server with JetStream, retrying until
+    `connect_timeout`; BusError in one line (the URL, or what to change) if that fails."""
+    servers = settings.servers
+    if not servers:
+        raise BusError("no NATS URL: set PANGEA_NATS_URL (pangea run starts an embedded server)")
+    try:
+        kwargs = options(settings)
+    except credentials.CredentialsError as exc:
+        raise BusError(str(exc)) from None
+    refusal: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def on_error(exc: Exception) -> None:
+        # Before the first connection the caller reports the failure in one line.
+        if watcher.connected and not watcher.closing:
+            log.warning("nats: %s", exc)
+        elif refused(exc) and not refusal.done():
+            refusal.set_result(exc)
+
+    async def on_disconnect() -> None:
+        # Before the first connection a disconnect is part of a failed attempt, reported once.
+        if watcher.connected and not watcher.closing:
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def on_reconnect() -> None:
+        telemetry.RECONNECTS.inc()
+        log.warning("reconnected to NATS")
+
+    nc = nats.NATS()
+    try:
+        await _first_connect(
+            nc,
+            refusal,
+            settings.connect_timeout,
+            **kwargs,
+            servers=servers,
+            name=f"pangea-{settings.job}-{name}",
+            connect_timeout=min(2.0, settings.connect_timeout),
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            pending_size=_PENDING_SIZE,
+        )
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
+        if refused(exc):
+            raise BusError(
+                f"NATS at {settings.nats_url} refused our credentials ({exc}): " + credentials.auth_settings(settings)
+            ) from None
+        raise BusError(
+            f"cannot reach NATS at {settings.nats_url} within {settings.connect_timeout:g}s"
+            + (f" ({exc})" if str(exc) else "")
+        ) from None
+    js = nc.jetstream(timeout=ACK_TIMEOUT, publish_async_max_pending=publish_pending)
+    try:
+        await js.account_info()
+    except (nats.js.errors.Error, nats.errors.Error) as exc:
+        await nc.close()
+        raise BusError(f"NATS at {settings.nats_url} has no JetStream (start nats-server with -js): {exc}") from None
+    return nc, js

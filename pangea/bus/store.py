@@ -1,0 +1,148 @@
+"""Key-value and object-store buckets: small records and blobs, retried across a server restart."""
+
+from __future__ import annotations
+
+import logging
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext, api
+
+from pangea.bus.backoff import Backoff
+from pangea.bus.errors import BusError
+from pangea.bus.streams import storage_type
+from pangea.settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+
+class Store:
+    """The Bus's part that reads and writes KV and object-store buckets."""
+
+    settings: BusSettings
+    job: str
+    js: JetStreamContext
+    closing: bool
+
+    async def _retrying(self, what: str, operation):
+        """Run `operation()` again while the connection is down (server restart), within the budget."""
+        backoff = Backoff(0.1)
+        while True:
+            try:
+                return await operation()
+            except (TimeoutError, nats.errors.Error) as exc:
+                if self.closing or not await backoff.wait():
+                    raise BusError(f"{what} failed: {exc!r}") from None
+                log.debug("%s: %r; retrying", what, exc)
+
+    async def put_object(self, bucket: str, name: str, data: bytes) -> None:
+        """Store a blob in an Object Store bucket (created if needed), replacing the old one."""
+
+        async def put() -> None:
+            store = await self._object_store(bucket)
+            await store.put(name, data)
+
+        await self._retrying(f"storing {bucket}/{name}", put)
+
+    async def get_object(self, bucket: str, name: str) -> bytes | None:
+        """A blob from an Object Store bucket, or None if there is none."""
+
+        async def get() -> bytes | None:
+            try:
+                store = await self.js.object_store(bucket)
+                return (await store.get(name)).data
+            except (
+                nats.js.errors.BucketNotFoundError,
+                nats.js.errors.ObjectNotFoundError,
+                nats.js.errors.NotFoundError,
+            ):
+                return None
+
+        return await self._retrying(f"reading {bucket}/{name}", get)
+
+    async def list_objects(self, bucket: str) -> list[str]:
+        """Names of the live objects in a bucket (empty if there is no such bucket)."""
+
+        async def names() -> list[str]:
+            try:
+                store = await self.js.object_store(bucket)
+                return [info.name for info in await store.list(ignore_deletes=True)]
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+                return []
+
+        return await self._retrying(f"listing {bucket}", names)
+
+    async def delete_object(self, bucket: str, name: str) -> None:
+        async def delete() -> None:
+            try:
+                await (await self.js.object_store(bucket)).delete(name)
+            except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
+                pass
+
+        await self._retrying(f"deleting {bucket}/{name}", delete)
+
+    async def _object_store(self, bucket: str):
+        try:
+            return await self.js.object_store(bucket)
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+            return await self.js.create_object_store(
+                bucket,
+                config=api.ObjectStoreConfig(
+                    bucket=bucket, storage=storage_type(self.settings), replicas=self.settings.replicas
+                ),
+            )
+
+    async def kv(self, bucket: str, ttl: float | None = None):
+        """Open a KV bucket, creating it if needed."""
+        try:
+            return await self.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            return await self.js.create_key_value(
+                bucket=bucket, ttl=ttl, history=1, storage=storage_type(self.settings), replicas=self.settings.replicas
+            )
+
+    async def kv_get(self, bucket: str, key: str) -> bytes | None:
+        """A KV value, or None if the bucket or the key does not exist."""
+
+        async def get() -> bytes | None:
+            try:
+                kv = await self.js.key_value(bucket)
+                return (await kv.get(key)).value
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError, nats.js.errors.NotFoundError):
+                return None
+
+        return await self._retrying(f"reading {bucket}/{key}", get)
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> None:
+        """Set a KV value (the bucket must exist)."""
+
+        async def put() -> None:
+            kv = await self.js.key_value(bucket)
+            await kv.put(key, value)
+
+        await self._retrying(f"writing {bucket}/{key}", put)
+
+    async def kv_items(self, bucket: str) -> dict[str, bytes]:
+        """All live keys of a bucket and their values."""
+
+        # Keys come from the bucket stream's subject list, not `kv.keys()`: that one creates a
+        # consumer per call (they pile up on the server) and was seen to list only some keys
+        # while others were being written, which made live workers look gone.
+        prefix = f"$KV.{bucket}."
+
+        async def items() -> dict[str, bytes]:
+            try:
+                kv = await self.js.key_value(bucket)
+                info = await self.js.stream_info(f"KV_{bucket}", subjects_filter=prefix + ">")
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+                return {}
+            keys = sorted(subject[len(prefix) :] for subject in (info.state.subjects or {}))
+            found = {}
+            for key in keys:
+                try:
+                    found[key] = (await kv.get(key)).value
+                except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                    continue
+            return found
+
+        return await self._retrying(f"listing {bucket}", items)

@@ -1,0 +1,23 @@
+"""The orchestrator's consumers: workers' gradients and the shards' reduced slices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pangea.bus import subjects
+from pangea.bus.client import Bus, Puller
+
+
+@dataclass
+class Inbox:
+    grads: Puller
+    reduced: Puller | None  # with --shards > 1 only
+
+    @classmethod
+    async def open(cls, bus: Bus, sliced: bool) -> Inbox:
+        job = bus.job
+        grads = await bus.pull("grads", subjects.grads(job), durable="orchestrator", batch=256)
+        reduced = None
+        if sliced:
+            reduced = await bus.pull("grads", subjects.reduced(job), durable="orchestrator-reduced", batch=256)
+        return cls(grads, reduced)

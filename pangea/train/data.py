@@ -1,0 +1,145 @@
+"""Built-in datasets, .npz datasets, and the global batch order shared by every role.
+
+The order of samples depends only on (seed, epoch), never on the number of workers:
+that is what makes distributed training comparable with the single-process reference.
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pangea.errors import DataError
+
+_DIGITS_SPLIT_SEED = 1234  # fixed: the digits train/test split never changes
+_DIGITS_TEST_FRACTION = 0.25
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Samples that fit in memory: train and test arrays (`pangea.train.tokens.TokenData` is the other kind).
+
+    Both kinds offer the same: `num_samples` per epoch, `batch()` (rows of a global batch),
+    `eval_batches()`, `input_shape`, `num_classes`, `targets_per_sample`.
+    """
+
+    name: str
+    x_train: np.ndarray  # float32, (n, ...)
+    y_train: np.ndarray  # int64 class labels (n,), or any targets for a user task
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.x_train)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of integer labels; for other targets, the number of values per sample."""
+        if np.issubdtype(self.y_train.dtype, np.integer) and self.y_train.ndim == 1:
+            return int(max(self.y_train.max(), self.y_test.max())) + 1
+        return int(np.prod(self.y_train.shape[1:], dtype=np.int64))
+
+    targets_per_sample = 1
+    bytes_per_token = None
+
+    def batch(
+        self, seed: int, batch_size: int, global_step: int, start: int, stop: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [start, stop) of global batch `global_step`: (x, y)."""
+        n = self.num_samples
+        idx = global_batch(n, batch_size, seed, *position(global_step, n, batch_size))[start:stop]
+        return self.x_train[idx], self.y_train[idx]
+
+    def eval_batches(self, size: int = 4096):
+        """The test set in batches: (x, y)."""
+        for i in range(0, len(self.x_test), size):
+            yield self.x_test[i : i + size], self.y_test[i : i + size]
+
+
+def load_dataset(spec: str, labels: bool = True) -> Dataset:
+    """`digits` (scikit-learn's bundled digits, scaled to [0, 1]) or a path to an .npz file.
+
+    `labels`: y must hold integer class labels (classification); otherwise any numeric
+    targets with one row per sample (a user task's loss decides what they mean)."""
+    if spec == "digits":
+        return _digits()
+    path = Path(spec)
+    if path.suffix == ".npz" or path.exists():
+        return _npz(path, labels)
+    raise DataError(f"unknown dataset {spec!r}: use 'digits' or a path to an .npz file")
+
+
+def _digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)
+    y = bunch.target.astype(np.int64)
+    order = np.random.default_rng(_DIGITS_SPLIT_SEED).permutation(len(x))
+    n_test = int(round(len(x) * _DIGITS_TEST_FRACTION))
+    test, train = order[:n_test], order[n_test:]
+    return Dataset("digits", x[train], y[train], x[test], y[test])
+
+
+def _npz(path: Path, labels: bool = True) -> Dataset:
+    if not path.is_file():
+        raise DataError(f"dataset file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in _NPZ_KEYS if k not in f.files]
+            if missing:
+                raise DataError(f"{path} lacks {', '.join(missing)} (needs {', '.join(_NPZ_KEYS)})")
+            arrays = {k: f[k] for k in _NPZ_KEYS}
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if len(x) != len(y) or (labels and y.ndim != 1):
+            raise DataError(
+                f"{path}: x_{split} and y_{split} must have the same length" + (", y 1-d" if labels else "")
+            )
+        if len(x) == 0:
+            raise DataError(f"{path}: x_{split} is empty")
+        if labels and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0):
+            raise DataError(f"{path}: y_{split} must hold non-negative integer class labels")
+        if not labels and not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+            raise DataError(f"{path}: y_{split} must be numeric, not {y.dtype}")
+    for a, b in [("x_train", "x_test")] + ([] if labels else [("y_train", "y_test")]):
+        if arrays[a].shape[1:] != arrays[b].shape[1:]:
+            raise DataError(f"{path}: {a} and {b} sample shapes differ")
+    y_type = np.int64 if labels or np.issubdtype(arrays["y_train"].dtype, np.integer) else np.float32
+    return Dataset(
+        path.stem,
+        arrays["x_train"].astype(np.float32),
+        arrays["y_train"].astype(y_type),
+        arrays["x_test"].astype(np.float32),
+        arrays["y_test"].astype(y_type),
+    )
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Global batches per epoch; the last one may be short (no sample is dropped)."""
+    return math.ceil(num_samples / batch_size)
+
+
+def position(round_: int, num_samples: int, batch_size: int) -> tuple[int, int]:
+    """(epoch, step) of a round."""
+    return divmod(round_, steps_per_epoch(num_samples, batch_size))
+
+
+def global_batch(num_samples: int, batch_size: int, seed: int, epoch: int, step: int) -> np.ndarray:
+    """Sample indices of global batch `step` of `epoch`: a seeded shuffle, cut in order."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    return order[step * batch_size : (step + 1) * batch_size]
