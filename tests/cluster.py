@@ -9,12 +9,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from pangea import codec
 from pangea.bus import subjects
 from pangea.bus.client import Bus
-from pangea.messages import RoundDone
 from pangea.settings import BusSettings
-from tests.conftest import pangea_cmd, role_env
+from pangea.wire import codec
+from pangea.wire.messages import RoundDone
+from tests.helpers import pangea_cmd, role_env
 
 
 class Cluster:
@@ -54,10 +54,19 @@ class Cluster:
 
     def wait_for_round(self, n: int, timeout: float = 180) -> int:
         """Block until the orchestrator finished round n (0-based); the last finished round."""
-        return asyncio.run(_wait_for_round(self.nats_url, self.job, n, timeout))
+        return asyncio.run(_wait_for(self.nats_url, self.job, lambda done: done.round >= n, f"round {n}", timeout))
+
+    def wait_for_planned(self, *workers: str, timeout: float = 180) -> int:
+        """Block until a finished round had every one of `workers` as a member the orchestrator
+        plans (ready, beating, not quarantined); that round."""
+
+        def planned(done: RoundDone) -> bool:
+            return set(workers) <= set(done.workers) - set(done.excluded_workers)
+
+        return asyncio.run(_wait_for(self.nats_url, self.job, planned, f"{', '.join(workers)} planned", timeout))
 
 
-async def _wait_for_round(nats_url: str, job: str, n: int, timeout: float) -> int:
+async def _wait_for(nats_url: str, job: str, condition, what: str, timeout: float) -> int:
     bus = await Bus.connect(BusSettings(nats_url=nats_url, job=job), "test")
     try:
         deadline = time.monotonic() + timeout
@@ -65,12 +74,12 @@ async def _wait_for_round(nats_url: str, job: str, n: int, timeout: float) -> in
             raw = await bus.kv_get(subjects.job_bucket(job), "round")
             if raw is not None:
                 done = codec.decode(raw, RoundDone)
-                if done.round >= n:
+                if condition(done):
                     return done.round
             await asyncio.sleep(0.05)
     finally:
         await bus.close()
-    raise AssertionError(f"job {job} never reached round {n}")
+    raise AssertionError(f"job {job} never got to {what}")
 
 
 def metrics(out: Path) -> dict:

@@ -1,4 +1,4 @@
-"""The Data-field pointer walk (pangea.capnp_spans) against pycapnp's own reading of the same
+"""The Data-field pointer walk (pangea.wire.capnp_spans) against pycapnp's own reading of the same
 bytes, on messages pycapnp lays out itself (several segments, far pointers), plus the
 property that decoding keeps no reference to the payload (the pycapnp 2.2.4 leak it avoids)."""
 
@@ -12,21 +12,36 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pangea import codec
-from pangea.capnp_spans import data_span
-from pangea.messages import Chunk, Gradient, Params, Tensor
+from pangea.wire import codec
+from pangea.wire.capnp_spans import data_span
+from pangea.wire.messages import Chunk, Gradient, Params, Tensor
 
 
 def _gradient(n: int) -> Gradient:
     values = np.arange(n, dtype=np.float32)
-    return Gradient("j", "w0", 3, 1, 8, 0.5, 3, Chunk(0, 1, 0, n), Tensor.from_numpy(values, "grad"), 0, "topk", 1.0,
-                    Tensor.from_numpy(np.arange(n, dtype=np.uint32)))
+    return Gradient(
+        "j",
+        "w0",
+        3,
+        1,
+        8,
+        0.5,
+        3,
+        Chunk(0, 1, 0, n),
+        Tensor.from_numpy(values, "grad"),
+        0,
+        "topk",
+        1.0,
+        Tensor.from_numpy(np.arange(n, dtype=np.uint32)),
+    )
 
 
 def _pycapnp_layout(message, first_segment_words: int) -> bytes:
     """`message` as pycapnp's own builder lays it out: small first segment, so large Data
     fields land in later segments behind far pointers."""
-    builder = getattr(codec.schema(), codec._STRUCTS[type(message)]).new_message(num_first_segment_words=first_segment_words)
+    builder = getattr(codec.schema(), codec._STRUCTS[type(message)]).new_message(
+        num_first_segment_words=first_segment_words
+    )
     codec._fill(builder, message)
     return builder.to_bytes()
 
@@ -52,8 +67,9 @@ def test_several_segments_really_occur():
 
 
 def test_decoding_keeps_no_reference_to_the_payload():
-    payload = codec.encode(Params("j", "o", 1, False, "h", Chunk(0, 1, 0, 1000),
-                                  Tensor.from_numpy(np.ones(1000, np.float32))))
+    payload = codec.encode(
+        Params("j", "o", 1, False, "h", Chunk(0, 1, 0, 1000), Tensor.from_numpy(np.ones(1000, np.float32)))
+    )
     gc.collect()
     before = sys.getrefcount(payload)
     for _ in range(20):

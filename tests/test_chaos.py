@@ -1,6 +1,6 @@
 """Chaos: seeded trials, each killing a random role (worker, orchestrator, preprocessor or the
 nats-server) at a random round of a short run.  Every trial must end with parameters equal to
-the single-process reference.  Prints survived/total."""
+the recomputation of the rounds it recorded (`pangea verify`).  Prints survived/total."""
 
 from __future__ import annotations
 
@@ -14,26 +14,42 @@ import time
 import pytest
 
 from pangea.bus.server import EmbeddedServer
-from pangea.outputs import load_params, max_abs_diff
+from pangea.train.exactness import verify
 from tests.cluster import Cluster
-from tests.conftest import pangea_cmd, role_env
-from tests.test_e2e import TOLERANCE, reference
+from tests.helpers import pangea_cmd, role_env
+from tests.yardstick import TOLERANCE
 
 TRIALS = int(os.environ.get("PANGEA_CHAOS_TRIALS", "10"))
 VICTIMS = ["worker-0", "worker-1", "orchestrator", "preprocessor", "nats-server"]
-TRAIN = dict(epochs=2, batch_size=32, seed=21)
 
 
-def _trial(seed: int, tmp_path, ref) -> tuple[bool, str]:
+def _trial(seed: int, tmp_path) -> tuple[bool, str]:
     rng = random.Random(seed)
     victim, at_round = rng.choice(VICTIMS), rng.randint(3, 70)
     server = EmbeddedServer(tmp_path / f"store{seed}", log_file=tmp_path / f"nats{seed}.log").start()
     job, out = f"chaos-{seed}", tmp_path / f"run{seed}"
     proc = subprocess.Popen(
-        pangea_cmd("run", "--job", job, "--workers", "2", "--epochs", "2", "--batch-size", "32", "--seed", "21",
-                   "--checkpoint-every", "5", "--out", str(out)),
+        pangea_cmd(
+            "run",
+            "--job",
+            job,
+            "--workers",
+            "2",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--seed",
+            "21",
+            "--checkpoint-every",
+            "5",
+            "--out",
+            str(out),
+        ),
         env=role_env(server.url, member_ttl=3, heartbeat_seconds=0.5, test_delay=0.03),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         Cluster(server.url, job, tmp_path).wait_for_round(at_round)
@@ -46,8 +62,8 @@ def _trial(seed: int, tmp_path, ref) -> tuple[bool, str]:
         _, stderr = proc.communicate(timeout=240)
         if proc.returncode != 0:
             return False, f"{victim}@{at_round}: exit {proc.returncode}: {stderr[-500:]}"
-        diff = max_abs_diff(load_params(out / "params.npz"), ref)
-        return diff <= TOLERANCE, f"{victim}@{at_round}: max |Δ| {diff:.2g}"
+        verdict = verify(out, tolerance=TOLERANCE)
+        return verdict.exact, f"{victim}@{at_round}: max |Δ| {verdict.max_abs_diff:.2g} against its plans"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -58,8 +74,7 @@ def _trial(seed: int, tmp_path, ref) -> tuple[bool, str]:
 @pytest.mark.chaos
 @pytest.mark.timeout(TRIALS * 300)
 def test_chaos_every_trial_ends_exact(tmp_path):
-    ref = reference(tmp_path / "ref", **TRAIN)
-    results = [_trial(seed, tmp_path, ref) for seed in range(TRIALS)]
+    results = [_trial(seed, tmp_path) for seed in range(TRIALS)]
     survived = sum(ok for ok, _ in results)
     for ok, detail in results:
         print(("survived " if ok else "FAILED   ") + detail)

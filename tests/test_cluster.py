@@ -12,16 +12,22 @@ import pytest
 from pangea.bus import subjects
 from pangea.bus.server import EmbeddedServer, free_port
 from tests.cluster import Cluster
-from tests.conftest import pangea_cmd, role_env
-from tests.test_e2e import assert_exact, reference
+from tests.helpers import pangea_cmd, role_env
+from tests.yardstick import assert_verified
 
 
 @pytest.fixture
 def three_nodes(tmp_path):
     client, route = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
     nodes = [
-        EmbeddedServer(tmp_path / f"n{i}", port=client[i], name=f"n{i}", cluster_port=route[i],
-                       routes=[p for j, p in enumerate(route) if j != i], log_file=tmp_path / f"n{i}.log")
+        EmbeddedServer(
+            tmp_path / f"n{i}",
+            port=client[i],
+            name=f"n{i}",
+            cluster_port=route[i],
+            routes=[p for j, p in enumerate(route) if j != i],
+            log_file=tmp_path / f"n{i}.log",
+        )
         for i in range(3)
     ]
     for node in nodes:
@@ -61,9 +67,25 @@ def test_three_node_cluster_survives_losing_the_batch_stream_leader(three_nodes,
     out = tmp_path / "run"
     env = role_env(urls, replicas=3, member_ttl=5, heartbeat_seconds=0.5)
     proc = subprocess.Popen(
-        pangea_cmd("run", "--job", job, "--workers", "2", "--epochs", "3", "--batch-size", "32", "--seed", "12",
-                   "--out", str(out)),
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        pangea_cmd(
+            "run",
+            "--job",
+            job,
+            "--workers",
+            "2",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "32",
+            "--seed",
+            "12",
+            "--out",
+            str(out),
+        ),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         Cluster(urls, job, tmp_path).wait_for_round(15)
@@ -75,5 +97,7 @@ def test_three_node_cluster_survives_losing_the_batch_stream_leader(three_nodes,
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
-    assert_exact(out, reference(tmp_path / "ref", epochs=3, batch_size=32, seed=12))
+    # Failing over may delay heartbeats past overdue, so a round may be planned without a worker:
+    # the yardstick is the run's own plans.
+    assert_verified(out)
     print(f"killed {leader}, the leader of the batch stream")

@@ -7,16 +7,22 @@ import struct
 import numpy as np
 import pytest
 
-from pangea import codec
-from pangea import messages as m
+from pangea.wire import codec
+from pangea.wire import messages as m
 
 HUGE = 20_000_000
 
 
 def _plan(shards: int = 1) -> m.RoundPlan:
     return m.RoundPlan(
-        job="job-a", sender="orchestrator", round=7, epoch=0, step=3, batch_size=4 * shards,
-        shards=tuple(m.Shard(f"w{i}", 4 * i, 4 * i + 4) for i in range(shards)), reissue=(0,),
+        job="job-a",
+        sender="orchestrator",
+        round=7,
+        epoch=0,
+        step=3,
+        batch_size=4 * shards,
+        shards=tuple(m.Shard(f"w{i}", 4 * i, 4 * i + 4) for i in range(shards)),
+        reissue=(0,),
     )
 
 
@@ -111,8 +117,15 @@ def test_a_large_honest_list_still_decodes():
 def _gradient() -> m.Gradient:
     values = np.arange(33, dtype=np.float32) / 7
     return m.Gradient(
-        job="job-a", sender="w1", round=9, shard=3, num_samples=21, loss=0.5, params_version=2,
-        chunk=m.Chunk(index=0, count=1, offset=0, total=33), values=m.Tensor.from_numpy(values, "g"),
+        job="job-a",
+        sender="w1",
+        round=9,
+        shard=3,
+        num_samples=21,
+        loss=0.5,
+        params_version=2,
+        chunk=m.Chunk(index=0, count=1, offset=0, total=33),
+        values=m.Tensor.from_numpy(values, "g"),
     )
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pangea.compress import KINDS, ErrorFeedback, compress, decompress
+from pangea.wire.compress import KINDS, ErrorFeedback, compress, decompress
 
 finite = arrays(np.float32, st.integers(1, 300), elements=st.floats(-1e4, 1e4, width=32))
 

@@ -6,14 +6,14 @@ import os
 import sys
 import textwrap
 import uuid
-import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-from pangea import data, models, settings
-from pangea.layout import Layout
+from pangea import settings
+from pangea.train import data, models
+from pangea.train.layout import Layout
 
 
 def _one_line(exc: BaseException) -> str:
@@ -79,9 +79,7 @@ def test_every_sample_once_per_epoch(num_samples, batch_size):
 
 
 def test_different_epochs_give_different_orders():
-    orders = [
-        np.concatenate([data.global_batch(200, 50, 0, epoch, s) for s in range(4)]) for epoch in range(3)
-    ]
+    orders = [np.concatenate([data.global_batch(200, 50, 0, epoch, s) for s in range(4)]) for epoch in range(3)]
     for i in range(3):
         for j in range(i + 1, 3):
             assert not np.array_equal(orders[i], orders[j])
@@ -215,7 +213,7 @@ def test_mlp_is_deterministic_per_seed():
 def test_mlp_has_the_requested_widths():
     model = models.build_model("mlp", (2, 4), 3, (5, 7), seed=0)
     linears = [mod for mod in model.modules() if isinstance(mod, torch.nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(8, 5), (5, 7), (7, 3)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(8, 5), (5, 7), (7, 3)]
     assert model(torch.zeros(6, 2, 4)).shape == (6, 3)
 
 
@@ -274,8 +272,16 @@ def test_user_factory_without_parameters_is_called_bare(user_module):
 
 @pytest.mark.parametrize(
     "spec",
-    ["nomodule_pangea_xyz:f", "mlp2", ":make", "{mod}:", "{mod}:missing", "{mod}:not_callable",
-     "{mod}:not_a_module", "{mod}:frozen"],
+    [
+        "nomodule_pangea_xyz:f",
+        "mlp2",
+        ":make",
+        "{mod}:",
+        "{mod}:missing",
+        "{mod}:not_callable",
+        "{mod}:not_a_module",
+        "{mod}:frozen",
+    ],
 )
 def test_bad_model_specs_are_refused(user_module, spec):
     with pytest.raises(models.ModelError) as info:

@@ -7,44 +7,50 @@ import signal
 
 import pytest
 
-from pangea.outputs import load_params
-from tests.cluster import Cluster, metrics
-from tests.conftest import role_env, run_pangea
-from tests.test_e2e import assert_exact, reference
-
-
-@pytest.fixture
-def cluster(nats_url, job, tmp_path):
-    c = Cluster(nats_url, job, tmp_path)
-    yield c
-    c.close()
+from pangea.train.outputs import load_params, max_abs_diff
+from tests.cluster import metrics
+from tests.helpers import role_env, run_pangea
+from tests.yardstick import TOLERANCE, assert_verified
 
 
 def test_worker_killed_then_new_worker_joins(cluster, tmp_path):
     """3 workers; one SIGKILLed around round 5, a new one joins around round 10; still exact."""
-    train = dict(epochs=1, batch_size=64, seed=11)
     out = tmp_path / "run"
     for i in range(3):
         cluster.worker(f"w{i}", test_delay=0.15)
     cluster.start("pre", "preprocessor")
-    cluster.start("orch", "orchestrator", "--workers", "3", "--out", str(out), "--epochs", "1", "--batch-size", "64",
-                  "--seed", "11")
+    cluster.start(
+        "orch",
+        "orchestrator",
+        "--workers",
+        "3",
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--seed",
+        "11",
+    )
     cluster.wait_for_round(4)
     cluster.signal("w2", signal.SIGKILL)
     cluster.wait_for_round(9)
     cluster.worker("w3", test_delay=0.15)
     cluster.wait("orch")
-    assert_exact(out, reference(tmp_path / "ref", **train))
+    assert_verified(out)
     kinds = {(e["kind"], e["detail"].split()[0]) for e in metrics(out)["events"]}
     log = cluster.log("orch")
     assert any(k == "reassign" for k, _ in kinds), log[-3000:]
-    assert "shard" in log and "of w2 (left the job)" in log
+    # Whichever comes first: its heartbeats overdue, the round's deadline, or its key expiring.
+    why = ("its heartbeats stopped", "missed the deadline", "left the job")
+    assert "shard" in log and any(f"of w2 ({reason})" in log for reason in why), log[-3000:]
     assert ("join", "joined:") in kinds and "joined: w3" in log
     assert metrics(out)["workers"][-1] == 3  # w0, w1, w3 at the end
-    assert sum(metrics(out)["samples"]) == 1348  # every sample once
+    assert sum(metrics(out)["samples"]) == 2 * 1348  # every sample once per epoch
 
 
-@pytest.mark.parametrize("policy", ["exact", "quorum"])
+@pytest.mark.parametrize("policy", ["exact", pytest.param("quorum", marks=pytest.mark.slow)])
 def test_straggler(cluster, tmp_path, policy):
     """One worker 2 s slower than the deadline: exact re-issues its shard, quorum drops it."""
     out = tmp_path / "run"
@@ -52,12 +58,28 @@ def test_straggler(cluster, tmp_path, policy):
     cluster.worker("fast1")
     cluster.worker("slow", test_delay=2.0)
     cluster.start("pre", "preprocessor")
-    cluster.start("orch", "orchestrator", "--workers", "3", "--out", str(out), "--epochs", "1", "--batch-size", "256",
-                  "--seed", "2", "--policy", policy, "--straggler-deadline", "0.5")
+    cluster.start(
+        "orch",
+        "orchestrator",
+        "--workers",
+        "3",
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "256",
+        "--seed",
+        "2",
+        "--policy",
+        policy,
+        "--straggler-deadline",
+        "0.5",
+    )
     cluster.wait("orch")
     m = metrics(out)
     if policy == "exact":
-        assert_exact(out, reference(tmp_path / "ref", epochs=1, batch_size=256, seed=2))
+        assert_verified(out)
         assert sum(m["samples"]) == 1348 and not m["quorum_rounds"]
         assert any("missed the deadline" in e["detail"] for e in m["events"])
     else:
@@ -72,19 +94,32 @@ def test_scale_up_to_four_and_back_to_one(cluster, tmp_path):
     out = tmp_path / "run"
     cluster.worker("w0", test_delay=0.03)
     cluster.start("pre", "preprocessor")
-    cluster.start("orch", "orchestrator", "--workers", "1", "--out", str(out), "--epochs", "3", "--batch-size", "32",
-                  "--seed", "4")
+    cluster.start(
+        "orch",
+        "orchestrator",
+        "--workers",
+        "1",
+        "--out",
+        str(out),
+        "--epochs",
+        "6",
+        "--batch-size",
+        "32",
+        "--seed",
+        "4",
+    )
     cluster.wait_for_round(5)
     for i in (1, 2, 3):
         cluster.worker(f"w{i}", test_delay=0.03)
-    cluster.wait_for_round(60)
+    planned = cluster.wait_for_planned("w0", "w1", "w2", "w3")  # joined and ready: start-up takes seconds
+    cluster.wait_for_round(planned + 5)
     for i in (1, 2, 3):
         cluster.signal(f"w{i}", signal.SIGTERM)  # graceful: leave after the shard in hand
     cluster.wait("orch")
     for i in (1, 2, 3):
         assert cluster.wait(f"w{i}") in (0, 143)
         assert f"worker w{i} leaving after its current shard" in cluster.log(f"w{i}")
-    assert_exact(out, reference(tmp_path / "ref", epochs=3, batch_size=32, seed=4))
+    assert_verified(out)
     workers = metrics(out)["workers"]
     assert max(workers) == 4 and workers[0] == 1 and workers[-1] == 1
 
@@ -92,16 +127,36 @@ def test_scale_up_to_four_and_back_to_one(cluster, tmp_path):
 @pytest.mark.slow
 def test_replay_reproduces_the_run(nats_url, job, tmp_path):
     out = tmp_path / "run"
-    result = run_pangea("run", "--job", job, "--workers", "2", "--epochs", "2", "--batch-size", "40", "--seed", "9",
-                        "--optimizer", "adam", "--lr", "0.003", "--out", str(out), env=role_env(nats_url))
+    result = run_pangea(
+        "run",
+        "--job",
+        job,
+        "--workers",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "40",
+        "--seed",
+        "9",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.003",
+        "--out",
+        str(out),
+        env=role_env(nats_url),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     original = load_params(out / "params.npz")
+    assert_verified(out)
     for workers in (2, 3):
         replay_out = tmp_path / f"replay{workers}"
-        result = run_pangea("replay", "--job", job, "--workers", str(workers), "--out", str(replay_out),
-                            env=role_env(nats_url))
+        result = run_pangea(
+            "replay", "--job", job, "--workers", str(workers), "--out", str(replay_out), env=role_env(nats_url)
+        )
         assert result.returncode == 0, result.stderr[-3000:]
-        assert_exact(replay_out, original)
+        assert_verified(replay_out)
         m = metrics(replay_out)
         assert m["settings"]["source_job"] == job and m["settings"]["optimizer"] == "adam"
         assert len(m["loss"]) == len(metrics(out)["loss"])
@@ -109,16 +164,25 @@ def test_replay_reproduces_the_run(nats_url, job, tmp_path):
     late = tmp_path / "replay-late"
     result = run_pangea("replay", "--job", job, "--from-round", "25", "--out", str(late), env=role_env(nats_url))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_exact(late, original)
+    assert_verified(late)  # rounds 0-19 as the original recorded them, then the replay's
     m = metrics(late)
     assert len(m["loss"]) == len(metrics(out)["loss"])
     assert any(e["kind"] == "replay" and "round 20" in e["detail"] for e in m["events"]), m["events"]
-    too_early = run_pangea("replay", "--job", job, "--from-round", "5", "--out", str(tmp_path / "x"),
-                           env=role_env(nats_url))
+    assert set(m["workers"]) == {2}, m["events"]  # a replay's first round waits for its --workers
+    too_early = run_pangea(
+        "replay", "--job", job, "--from-round", "5", "--out", str(tmp_path / "x"), env=role_env(nats_url)
+    )
     assert too_early.returncode == 2 and "no checkpoint at or before round 5" in too_early.stderr
-    same_k = load_params(tmp_path / "replay2" / "params.npz")
-    bit_identical = all((same_k[k] == original[k]).all() for k in original)
-    print(f"replay with the same K bit-identical: {bit_identical}")
+    # With the same K the same shards meet the same kernels, and a float64 sum of two terms
+    # does not depend on their order: a replay from round 0 is bit-identical by construction.
+    params = load_params(tmp_path / "replay2" / "params.npz")
+    assert all((params[k] == original[k]).all() for k in original), "replay2 differs from the run"
+    # From a checkpoint: within the yardstick's tolerance of the run, not always bit for bit.
+    # Once in CI (8.2e-7, K=2 in every round, same kernels) the losses parted at the first step
+    # after the restore, though restoring the same checkpoint in one process steps bit for bit;
+    # the cause is not found yet (see the note of that stop).  Both verify against their plans.
+    late_params = load_params(late / "params.npz")
+    assert max_abs_diff(late_params, original) <= TOLERANCE, "replay-late is not within tolerance of the run"
 
 
 def test_replay_of_an_unknown_job_is_one_line(nats_url, tmp_path):
@@ -132,7 +196,7 @@ def test_status_lists_members_and_backlog(cluster, tmp_path, nats_url, job):
     cluster.worker("s0", test_delay=0.05)
     cluster.worker("s1", test_delay=0.05)
     cluster.start("pre", "preprocessor")
-    cluster.start("orch", "orchestrator", "--workers", "2", "--out", str(out), "--epochs", "2")
+    cluster.start("orch", "orchestrator", "--workers", "2", "--max-workers", "3", "--out", str(out), "--epochs", "2")
     cluster.wait_for_round(3)
     result = run_pangea("status", "--job", job, "--json", env=role_env(nats_url))
     assert result.returncode == 0, result.stderr
@@ -140,9 +204,79 @@ def test_status_lists_members_and_backlog(cluster, tmp_path, nats_url, job):
     assert {m["id"] for m in status["members"]} == {"s0", "s1"}
     for m in status["members"]:
         assert m["backlog"] is not None and m["unacked"] is not None and m["heartbeat_age_seconds"] < 3
+        assert m["state"] == "ok", m
     assert status["rounds_done"] >= 4 and not status["finished"] and status["recent_round_seconds"]
+    assert status["samples_per_second"] > 0
+    assert status["workers"]["present"] == 2 and status["workers"]["desired"] in (2, 3), status["workers"]
     table = run_pangea("status", "--job", job, env=role_env(nats_url))
     assert table.returncode == 0 and "s0" in table.stdout and "backlog" in table.stdout
+    assert "2 present" in table.stdout and "desired" in table.stdout
     cluster.wait("orch")
     status = json.loads(run_pangea("status", "--job", job, "--json", env=role_env(nats_url)).stdout)
     assert status["finished"] and status["rounds_done"] == status["total_rounds"]
+    # The autoscaling signal: 5 rounds measured on 2 workers, then a third is asked for (and
+    # waited for: nobody starts one here); once the job is over, none.
+    desired = json.loads((out / "metrics.json").read_text())["desired_workers"]
+    assert desired[:4] == [2] * 4 and set(desired[4:]) == {3}, desired
+    assert status["workers"] == {"desired": 0, "present": status["workers"]["present"], "why": "the job is finished"}
+
+
+@pytest.mark.slow
+def test_a_replay_carries_every_setting_of_its_job(nats_url, job, tmp_path):
+    """The spec carries each training and aggregation setting under its own name, so a replay
+    trains as its job did: compression, a robust aggregator, a learning rate and a schedule."""
+    out = tmp_path / "run"
+    flags = [
+        "--workers",
+        "3",
+        "--epochs",
+        "1",
+        "--compression",
+        "int8",
+        "--aggregator",
+        "trimmed-mean",
+        "--lr",
+        "0.03",
+        "--lr-schedule",
+        "cosine",
+        "--warmup-steps",
+        "3",
+        "--batch-size",
+        "96",
+    ]
+    result = run_pangea("run", "--job", job, "--out", str(out), *flags, env=role_env(nats_url))
+    assert result.returncode == 0, result.stderr[-3000:]
+    replay = tmp_path / "replay"
+    result = run_pangea("replay", "--job", job, "--workers", "3", "--out", str(replay), env=role_env(nats_url))
+    assert result.returncode == 0, result.stderr[-3000:]
+    original, again = metrics(out)["settings"], metrics(replay)["settings"]
+    from pangea.roles.jobspec import CARRIED
+
+    differ = {k: (original[k], again[k]) for k in CARRIED if original[k] != again[k]}
+    assert not differ, differ
+    assert again["source_job"] == job and again["compression"] == "int8" and again["aggregator"] == "trimmed-mean"
+
+
+def test_the_job_spec_carries_every_training_setting():
+    """No training setting can be added without the spec (and so a replay) carrying it."""
+    from pangea.roles.jobspec import CARRIED, settings_from_spec, spec_from_settings
+    from pangea.settings import OrchestratorSettings, TrainSettings
+
+    assert set(TrainSettings.model_fields) - set(CARRIED) == {"hidden", "vocab"}  # converted, not dropped
+    assert {"aggregator", "byzantine", "clip_norm", "policy", "shards"} <= set(CARRIED)
+    settings = OrchestratorSettings(job="j", lr=0.123, hidden="7,5", compression="fp16", mode="diloco", outer_lr=0.3)
+    spec = spec_from_settings(
+        settings,
+        "orchestrator",
+        input_shape=(64,),
+        num_classes=10,
+        num_params=1,
+        layout_hash="h",
+        total_rounds=3,
+        vocab=0,
+    )
+    from pangea.wire import codec
+    from pangea.wire.messages import JobSpec
+
+    back = settings_from_spec(codec.decode(codec.encode(spec), JobSpec))  # through Cap'n Proto
+    assert back["hidden"] == "7,5" and all(back[k] == getattr(settings, k) for k in CARRIED)

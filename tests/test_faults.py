@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from pangea.bus.server import EmbeddedServer
-from pangea.data import load_dataset
-from pangea.models import build_model
-from pangea.training import evaluate
+from pangea.train.data import load_dataset
+from pangea.train.models import build_model
+from pangea.train.tasks import get_task
 from tests.cluster import Cluster, metrics
-from tests.conftest import pangea_cmd, role_env, run_pangea
-from tests.test_e2e import assert_exact, reference
+from tests.helpers import pangea_cmd, role_env, run_pangea
+from tests.yardstick import assert_verified
 
 
 def test_nats_server_restart_mid_run(job, tmp_path):
@@ -27,9 +27,25 @@ def test_nats_server_restart_mid_run(job, tmp_path):
         out = tmp_path / "run"
         env = role_env(server.url, member_ttl=5, heartbeat_seconds=0.5)
         proc = subprocess.Popen(
-            pangea_cmd("run", "--job", job, "--workers", "2", "--epochs", "3", "--batch-size", "32", "--seed", "6",
-                       "--out", str(out)),
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            pangea_cmd(
+                "run",
+                "--job",
+                job,
+                "--workers",
+                "2",
+                "--epochs",
+                "3",
+                "--batch-size",
+                "32",
+                "--seed",
+                "6",
+                "--out",
+                str(out),
+            ),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             Cluster(server.url, job, tmp_path).wait_for_round(20)
@@ -41,7 +57,7 @@ def test_nats_server_restart_mid_run(job, tmp_path):
             if proc.poll() is None:
                 proc.kill()
         assert proc.returncode == 0, stderr[-3000:]
-        assert_exact(out, reference(tmp_path / "ref", epochs=3, batch_size=32, seed=6))
+        assert_verified(out)
         assert "reconnected to NATS" in (out / "logs" / "orchestrator.log").read_text()
     finally:
         server.stop()
@@ -58,7 +74,7 @@ def test_exported_checkpoint_loads_and_gives_the_reported_accuracy(nats_url, job
     digits = load_dataset("digits")
     model = build_model("mlp", digits.input_shape, digits.num_classes, (128,), seed=123)  # other init
     model.load_state_dict(state)
-    accuracy = evaluate(model, digits.x_test, digits.y_test)
+    accuracy = get_task("classify").evaluate(model, digits)["test_accuracy"]
     assert accuracy == metrics(out)["final_test_accuracy"]
     with np.load(out / "params.npz") as params:
         for name, tensor in state.items():
@@ -70,11 +86,13 @@ def test_resume_needs_the_flag(nats_url, job, tmp_path):
     """Reusing a job name by accident is refused in one line; --resume continues the job."""
     first = run_pangea("run", "--job", job, "--epochs", "1", "--out", str(tmp_path / "a"), env=role_env(nats_url))
     assert first.returncode == 0, first.stderr[-2000:]
-    again = run_pangea("orchestrator", "--job", job, "--epochs", "1", "--out", str(tmp_path / "b"),
-                       env=role_env(nats_url))
+    again = run_pangea(
+        "orchestrator", "--job", job, "--epochs", "1", "--out", str(tmp_path / "b"), env=role_env(nats_url)
+    )
     assert again.returncode == 2 and "--resume" in again.stderr
-    resumed = run_pangea("run", "--job", job, "--epochs", "1", "--resume", "true", "--out", str(tmp_path / "c"),
-                         env=role_env(nats_url))
+    resumed = run_pangea(
+        "run", "--job", job, "--epochs", "1", "--resume", "true", "--out", str(tmp_path / "c"), env=role_env(nats_url)
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert_exact(tmp_path / "c", reference(tmp_path / "ref", epochs=1))
+    assert_verified(tmp_path / "c")
     assert json.loads((tmp_path / "c" / "metrics.json").read_text())["events"][-1]["kind"] == "resume"

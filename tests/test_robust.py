@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from pangea import robust
-from pangea.aggregate import RoundAccumulator
-from pangea.chunking import split
+from pangea.train import robust
+from pangea.train.aggregate import RoundAccumulator
+from pangea.wire.chunking import split
 from tests.cluster import Cluster
 
 
@@ -74,8 +74,20 @@ def _poisoned_run(nats_url: str, job: str, tmp_path, aggregator: str) -> tuple[f
             cluster.worker(f"h{i}", torch_threads=1)
         cluster.worker("evil", torch_threads=1, test_attack="scale")
         cluster.start("pre", "preprocessor")
-        cluster.start("orch", "orchestrator", "--workers", "5", "--epochs", "25", "--batch-size", "100",
-                      "--aggregator", aggregator, "--out", str(out))
+        cluster.start(
+            "orch",
+            "orchestrator",
+            "--workers",
+            "5",
+            "--epochs",
+            "25",
+            "--batch-size",
+            "100",
+            "--aggregator",
+            aggregator,
+            "--out",
+            str(out),
+        )
         code = cluster.procs["orch"].wait(timeout=600)
     finally:
         cluster.close()
