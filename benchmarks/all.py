@@ -1,6 +1,6 @@
 """Run every benchmark and write benchmarks/results/RESULTS.md (+ one JSON per benchmark).
 
-    python -m benchmarks.all            # about 20 minutes on 2 cores
+    python -m benchmarks.all            # about 50 minutes on 2 cores, 32 of them the lab's (root)
     python -m benchmarks.all codec pipe # a subset
 
 README.md's Benchmarks section is RESULTS.md as this writes it.
@@ -12,23 +12,37 @@ import os
 import sys
 import time
 
-from benchmarks import codec, pipe, train
+from benchmarks import codec, lab, pipe, train
 from benchmarks import round as round_  # the module, not the builtin
 from benchmarks.common import RESULTS, machine, record
 
 BENCHMARKS = {
     "codec": (codec.run, "Cap'n Proto encode/decode of a parameter chunk vs numpy memcpy and pickle"),
-    "pipe": (pipe.run, "transport: Pangea's acknowledged JetStream path vs the nats-py core publish->subscribe ceiling"),
-    "round": (round_.run, "one aggregation round of `pangea run` (K workers, P parameters) vs torch.distributed gloo all_reduce"),
-    "train": (train.run, "time and gradient bytes to 0.97 test accuracy on digits, Pangea vs torch DDP (gloo), same K and batches"),
+    "pipe": (
+        pipe.run,
+        "transport: Pangea's acknowledged JetStream path vs the nats-py core publish->subscribe ceiling",
+    ),
+    "round": (
+        round_.run,
+        "one aggregation round of `pangea run` (K workers, P parameters) vs torch.distributed gloo all_reduce",
+    ),
+    "train": (
+        train.run,
+        "time and gradient bytes to 0.97 test accuracy on digits, Pangea vs torch DDP (gloo), same K and batches",
+    ),
+    "lab": (
+        lab.run,
+        "time to target and bytes per link on rate-limited links (network namespaces), Pangea vs torch DDP (gloo) on the same hosts",
+    ),
 }
 
 
 def _table(rows: list[dict]) -> str:
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # the lab's two workloads differ
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in rows:
-        lines.append("| " + " | ".join(f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]) for k in keys) + " |")
+        cells = (row.get(k, "") for k in keys)
+        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in cells) + " |")
     return "\n".join(lines)
 
 
@@ -37,6 +51,8 @@ def _goals(name: str, rows: list[dict]) -> list[str]:
         return round_.goals(rows)
     if name == "train":
         return [train.goal_line(rows)]
+    if name == "lab":
+        return lab.notes(rows)
     return []
 
 
@@ -52,8 +68,10 @@ def main(names: list[str]) -> None:
         goals = "".join(f"- {line}\n" for line in _goals(name, rows))
         table = _table(rows) if rows else "(no rows)"
         sections.append(f"#### {name}: {what}\n\n{table}\n\n{goals}_{time.perf_counter() - t0:.0f} s_\n")
-    header = (f"Machine: {machine()}; load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
-              f"{time.perf_counter() - started:.0f} s in all.\n\n")
+    header = (
+        f"Machine: {machine()}; load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
+        f"{time.perf_counter() - started:.0f} s in all.\n\n"
+    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "RESULTS.md").write_text(header + "\n".join(sections))
     print(f"wrote {RESULTS / 'RESULTS.md'}")

@@ -14,8 +14,8 @@ import pickle
 import numpy as np
 
 from benchmarks.common import best_of, record
-from pangea import codec
-from pangea.messages import Chunk, Params, Tensor
+from pangea.wire import codec
+from pangea.wire.messages import Chunk, Params, Tensor
 
 
 def run(sizes_mb=(1, 10, 100)) -> list[dict]:
@@ -34,16 +34,18 @@ def run(sizes_mb=(1, 10, 100)) -> list[dict]:
         pickle_dumps = best_of(lambda: pickle.dumps(array, protocol=5))
         pickle_loads = best_of(lambda: pickle.loads(pickled))
         gbytes = array.nbytes / 1e9
-        rows.append({
-            "MB": mb,
-            "memcpy GB/s": gbytes / memcpy,
-            "fresh copy GB/s": gbytes / fresh_copy,
-            "encode GB/s": gbytes / encode,
-            "encode / memcpy": memcpy / encode,
-            "pickle dumps GB/s": gbytes / pickle_dumps,
-            "decode ms": decode * 1e3,
-            "pickle loads ms": pickle_loads * 1e3,
-        })
+        rows.append(
+            {
+                "MB": mb,
+                "memcpy GB/s": gbytes / memcpy,
+                "fresh copy GB/s": gbytes / fresh_copy,
+                "encode GB/s": gbytes / encode,
+                "encode / memcpy": memcpy / encode,
+                "pickle dumps GB/s": gbytes / pickle_dumps,
+                "decode ms": decode * 1e3,
+                "pickle loads ms": pickle_loads * 1e3,
+            }
+        )
     return rows
 
 

@@ -32,7 +32,11 @@ def record(name: str, rows: list[dict]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
     if rows:
-        keys = list(rows[0])
+        keys = list(dict.fromkeys(k for row in rows for k in row))  # rows of two workloads differ
         print(" | ".join(keys))
         for row in rows:
-            print(" | ".join(f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys))
+            print(" | ".join(_cell(row.get(k, "")) for k in keys))
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

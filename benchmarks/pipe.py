@@ -78,8 +78,14 @@ def run() -> list[dict]:
         for size, count in ((64 << 10, 2000), (1 << 20, 400), (4 << 20, 100)):
             core = asyncio.run(core_pipe(server.url, size, count))
             ours = asyncio.run(pangea_pipe(server.url, size, count))
-            rows.append({"message KB": size >> 10, "nats-py core GB/s": core, "pangea bus GB/s": ours,
-                         "pangea / ceiling": ours / core})
+            rows.append(
+                {
+                    "message KB": size >> 10,
+                    "nats-py core GB/s": core,
+                    "pangea bus GB/s": ours,
+                    "pangea / ceiling": ours / core,
+                }
+            )
     return rows
 
 

@@ -80,14 +80,19 @@ def numel(hidden: tuple[int, ...]) -> int:
 
 def write_dataset(path: Path, rounds: int) -> None:
     """Digits cut to `rounds` global batches of training data (one epoch = `rounds` rounds)."""
-    from pangea.data import load_dataset
+    from pangea.train.data import load_dataset
 
     digits = load_dataset("digits")
     n = rounds * BATCH
     if n > len(digits.x_train):
         raise SystemExit(f"--rounds {rounds}: digits has only {len(digits.x_train) // BATCH} batches of {BATCH}")
-    np.savez(path, x_train=digits.x_train[:n], y_train=digits.y_train[:n],
-             x_test=digits.x_test[:BATCH], y_test=digits.y_test[:BATCH])
+    np.savez(
+        path,
+        x_train=digits.x_train[:n],
+        y_train=digits.y_train[:n],
+        x_test=digits.x_test[:BATCH],
+        y_test=digits.y_test[:BATCH],
+    )
 
 
 def worker_threads(k: int) -> int:
@@ -99,9 +104,9 @@ def compute_seconds(k: int, hidden: tuple[int, ...]) -> float:
     """One shard's forward+backward+flatten, as a worker computes it (same threads, shard size)."""
     import torch
 
-    from pangea.layout import Layout
-    from pangea.models import build_model
-    from pangea.training import loss_fn
+    from pangea.train.layout import Layout
+    from pangea.train.models import build_model
+    from pangea.train.tasks import classify_loss as loss_fn
 
     before = torch.get_num_threads()
     torch.set_num_threads(worker_threads(k))
@@ -165,7 +170,11 @@ def gloo_allreduce_seconds(k: int, size: int, iters: int) -> float:
 def shards_supported() -> bool:
     """Whether this tree's `pangea run` has --shards (orchestrator shards)."""
     help_text = subprocess.run(
-        [sys.executable, "-m", "pangea", "run", "--help"], capture_output=True, text=True, env=_env(), timeout=120,
+        [sys.executable, "-m", "pangea", "run", "--help"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
     ).stdout
     return "--shards" in help_text
 
@@ -231,12 +240,12 @@ class RunResult:
 
 async def pangea_round(cfg: Config, hidden: tuple[int, ...], dataset: Path, workdir: Path) -> RunResult:
     """Run one `pangea run` on its own nats-server; time its rounds and watch the orchestrator."""
-    from pangea import codec
     from pangea.bus import subjects
     from pangea.bus.client import Bus
     from pangea.bus.server import EmbeddedServer
-    from pangea.messages import RoundDone
     from pangea.settings import BusSettings
+    from pangea.wire import codec
+    from pangea.wire.messages import RoundDone
 
     job = f"bench-round-{uuid.uuid4().hex[:8]}"
     out = workdir / job
@@ -254,22 +263,47 @@ async def pangea_round(cfg: Config, hidden: tuple[int, ...], dataset: Path, work
                 return
             pids = _pids(out)
             cpu = {name: _cpu_seconds(pid) for name, pid in pids.items()}
-            marks[event.round] = Mark(time.perf_counter(), event.seconds, cpu.get("orchestrator", 0.0),
-                                      sum(cpu.values()) + _cpu_seconds(server_pid))
+            marks[event.round] = Mark(
+                time.perf_counter(),
+                event.seconds,
+                cpu.get("orchestrator", 0.0),
+                sum(cpu.values()) + _cpu_seconds(server_pid),
+            )
 
         bus = await Bus.connect(BusSettings(nats_url=server.url, job=job), "bench-round")
         await bus.subscribe_events(subjects.rounds(job), on_round)
         args = [
-            "--workers", str(cfg.k), "--hidden", ",".join(map(str, hidden)), "--compression", cfg.compression,
-            "--epochs", "1", "--batch-size", str(BATCH), "--dataset", str(dataset), "--device", "cpu",
-            "--nats-url", server.url, "--job", job, "--out", str(out),
+            "--workers",
+            str(cfg.k),
+            "--hidden",
+            ",".join(map(str, hidden)),
+            "--compression",
+            cfg.compression,
+            "--epochs",
+            "1",
+            "--batch-size",
+            str(BATCH),
+            "--dataset",
+            str(dataset),
+            "--device",
+            "cpu",
+            "--nats-url",
+            server.url,
+            "--job",
+            job,
+            "--out",
+            str(out),
         ]
         if cfg.shards > 1:
             args += ["--shards", str(cfg.shards)]
         with open(out / "supervisor.log", "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pangea", "run", *args], cwd=workdir, env=_env(),
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", "pangea", "run", *args],
+                cwd=workdir,
+                env=_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         try:
             idle, peak, timed_out = await _watch_orchestrator(proc, out, bus, job)
@@ -379,8 +413,10 @@ def run(configs: list[Config] | None = None, rounds: int = 5, gloo_iters: int = 
             name = f"K={cfg.k} P={p:,} {cfg.compression} S={cfg.shards}"
             need, have = memory_needed(cfg.k, p, rounds), memory_available()
             if need > have:
-                print(f"{name}: skipped, it may need {need / 1e9:.1f} GB and {have / 1e9:.1f} GB are available",
-                      flush=True)
+                print(
+                    f"{name}: skipped, it may need {need / 1e9:.1f} GB and {have / 1e9:.1f} GB are available",
+                    flush=True,
+                )
                 continue
             if (cfg.k, p) not in gloo:
                 gloo[cfg.k, p] = gloo_allreduce_seconds(cfg.k, p, gloo_iters)
@@ -391,16 +427,27 @@ def run(configs: list[Config] | None = None, rounds: int = 5, gloo_iters: int = 
                 failed = True
                 print(f"{name}: pangea run failed: {result.error}", flush=True)
             over = (result.peak_rss - result.idle_rss) / (4 * p) if result.idle_rss and result.peak_rss else math.nan
-            rows.append({
-                "K": cfg.k, "P": p, "compression": cfg.compression, "S": cfg.shards,
-                "pangea_round_s": result.round_s, "metrics_round_s": result.metrics_round_s,
-                "compute_s": compute[cfg.k, p], "gloo_allreduce_s": gloo[cfg.k, p],
-                "pangea / gloo": result.round_s / gloo[cfg.k, p],
-                "orch_cpu_s": result.orchestrator_cpu_s, "all_cpu_s": result.all_cpu_s,
-                "peak_rss_over_model": over,
-            })
-            print(f"{name}: round {result.round_s:.3g}s, gloo {gloo[cfg.k, p]:.3g}s, "
-                  f"peak RSS {over:.3g}x ({time.perf_counter() - started:.0f}s)", flush=True)
+            rows.append(
+                {
+                    "K": cfg.k,
+                    "P": p,
+                    "compression": cfg.compression,
+                    "S": cfg.shards,
+                    "pangea_round_s": result.round_s,
+                    "metrics_round_s": result.metrics_round_s,
+                    "compute_s": compute[cfg.k, p],
+                    "gloo_allreduce_s": gloo[cfg.k, p],
+                    "pangea / gloo": result.round_s / gloo[cfg.k, p],
+                    "orch_cpu_s": result.orchestrator_cpu_s,
+                    "all_cpu_s": result.all_cpu_s,
+                    "peak_rss_over_model": over,
+                }
+            )
+            print(
+                f"{name}: round {result.round_s:.3g}s, gloo {gloo[cfg.k, p]:.3g}s, "
+                f"peak RSS {over:.3g}x ({time.perf_counter() - started:.0f}s)",
+                flush=True,
+            )
     finally:
         if failed:
             print(f"logs of the failed runs kept in {workdir}")
@@ -450,8 +497,13 @@ def main() -> None:
     if args.k or args.params:
         ks = [int(v) for v in (args.k or "4").split(",")]
         ps = [int(float(v)) for v in (args.params or "25e6").split(",")]
-        configs = [Config(k, p, m, s) for k in ks for p in ps for m in args.compression.split(",")
-                   for s in (int(v) for v in args.shards.split(","))]
+        configs = [
+            Config(k, p, m, s)
+            for k in ks
+            for p in ps
+            for m in args.compression.split(",")
+            for s in (int(v) for v in args.shards.split(","))
+        ]
     if args.rounds < 3:
         parser.error("--rounds must be at least 3: the first two rounds are not timed")
     print(f"{machine()}; load average {os.getloadavg()[0]:.1f} at start", flush=True)

@@ -1,7 +1,7 @@
 """Time (and bytes) to 0.97 test accuracy on digits: Pangea vs torch DDP (gloo) with the same
 K, global batch, optimizer, initial weights and batch order, for a small and a 3M-parameter MLP.
 
-    python -m benchmarks.train              # the table: ~6 min on 2 cores (+~3 with the delay rows)
+    python -m benchmarks.train              # the table: ~5 min on 2 cores
     python -m benchmarks.train --quick      # 1 epoch of the small MLP, target 0.5: the plumbing only
     python -m benchmarks.train --only 2048  # just the rows whose label contains "2048"
 
@@ -16,9 +16,9 @@ also counts the wait for the workers to join). A diloco round may end several ep
 evaluation, after the whole round, then stands for all of them.
 
 The DDP side (`ddp_train`): K processes forked by torch.multiprocessing, gloo over 127.0.0.1,
-the model from `pangea.models.build_model` with the same seed, `pangea.training.make_optimizer`,
-and global batch r of `pangea.data.global_batch` cut into contiguous shards by
-`pangea.aggregate.split_batch`. DDP averages gradients equally over ranks while Pangea weights
+the model from `pangea.train.models.build_model` with the same seed, `pangea.train.training.make_optimizer`,
+and global batch r of `pangea.train.data.global_batch` cut into contiguous shards by
+`pangea.train.aggregate.split_batch`. DDP averages gradients equally over ranks while Pangea weights
 shards by samples: each rank's loss is scaled by K * shard / batch, which is 1 for equal shards
 and makes the short last batch of an epoch exact too. Each rank gets cpu_count // K torch
 threads, as `pangea run` gives its workers. Every mode row is set against this same plain DDP
@@ -29,9 +29,12 @@ workers; the parameter broadcasts are not in it) * e / epochs, "n/a" where metri
 it. DDP's is modelled, not measured: a ring all-reduce of the gradient (gloo's algorithm) sends
 2 (K-1)/K of it per rank per step, so 2 (K-1) * 4 * numel bytes per step over all ranks.
 
-The artificial delay (`--net-delay` of `pangea run`: each worker publish waits that long, a WAN)
-is modelled in DDP by one `time.sleep(delay)` per step per rank before the backward pass (where
-the all-reduce happens): a lower bound, since a real ring would pay the latency 2 (K-1) times.
+Real links are measured by benchmarks/lab.py (every worker on its own host behind a rate-limited
+link, DDP's ranks on the same hosts, bytes from the kernel's counters).  What stays here is a
+model, for a row someone adds by hand: `Config(delay=...)` runs `pangea run --net-delay` (each
+worker publish waits that long) against DDP with one `time.sleep(delay)` per step per rank
+before the backward pass (where the all-reduce happens), a lower bound, since a real ring would
+pay the latency 2 (K-1) times.  No row of the table uses it.
 
 Rows are `Config`s in `CONFIGS`: add one to add a row. Rows needing a flag that `pangea run
 --help` does not show (the modes, the delay) are skipped with a printed line.
@@ -83,7 +86,7 @@ class Model:
 # cost ~20 s each in Pangea on 2 cores (sync is exact: both sides reach it at the same epoch).
 SMALL = Model("128", lr=0.15, optimizer="sgd", epochs=20)
 LARGE = Model("2048,1400", lr=0.002, optimizer="adam", epochs=4)
-DELAY = 0.02  # seconds: the artificial WAN delay of the "with delay" rows
+DELAY = 0.02  # seconds: a modelled WAN delay, for rows added by hand (benchmarks/lab.py measures real links)
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,11 @@ class Config:
 
     @property
     def label(self) -> str:
-        mode = self.mode + (f" H={self.local_steps}" if self.local_steps else "") + (
-            f" S={self.staleness}" if self.staleness is not None else "")
+        mode = (
+            self.mode
+            + (f" H={self.local_steps}" if self.local_steps else "")
+            + (f" S={self.staleness}" if self.staleness is not None else "")
+        )
         delay = f" delay {self.delay * 1e3:g}ms" if self.delay else ""
         return f"mlp {self.model.hidden} K={self.workers} {mode}{delay}"
 
@@ -126,9 +132,8 @@ class Config:
 CONFIGS = [
     Config(SMALL),
     Config(LARGE),  # the goal row: Pangea / DDP <= 1.5x
-    Config(SMALL, delay=DELAY),
-    *[Config(SMALL, mode="diloco", local_steps=h, delay=d) for d in (0.0, DELAY) for h in (5, 20, 100)],
-    *[Config(SMALL, mode="async", staleness=2, delay=d) for d in (0.0, DELAY)],
+    *[Config(SMALL, mode="diloco", local_steps=h) for h in (5, 20, 100)],
+    Config(SMALL, mode="async", staleness=2),
 ]
 QUICK = [Config(Model(SMALL.hidden, SMALL.lr, SMALL.optimizer, epochs=1))]
 QUICK_TARGET = 0.5
@@ -169,8 +174,9 @@ class Outcome:
 
 def run_flags() -> set[str]:
     """The flags `pangea run --help` shows (the modes may not exist yet)."""
-    help_ = subprocess.run([sys.executable, "-m", "pangea", "run", "--help"],
-                           capture_output=True, text=True, timeout=120)
+    help_ = subprocess.run(
+        [sys.executable, "-m", "pangea", "run", "--help"], capture_output=True, text=True, timeout=120
+    )
     text = help_.stdout
     return set(re.findall(r"(--[a-z][a-z-]*)", text))
 
@@ -178,10 +184,33 @@ def run_flags() -> set[str]:
 def pangea_train(config: Config, out: Path) -> Outcome | str:
     """Run `pangea run` for the row; its Outcome, or a one-line reason it failed."""
     model = config.model
-    cmd = [sys.executable, "-m", "pangea", "run", "--dataset", "digits", "--workers", str(config.workers),
-           "--hidden", model.hidden, "--batch-size", str(config.batch_size), "--lr", str(model.lr),
-           "--momentum", str(model.momentum), "--optimizer", model.optimizer,
-           "--epochs", str(model.epochs), "--seed", "0", "--out", str(out), *config.flags()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pangea",
+        "run",
+        "--dataset",
+        "digits",
+        "--workers",
+        str(config.workers),
+        "--hidden",
+        model.hidden,
+        "--batch-size",
+        str(config.batch_size),
+        "--lr",
+        str(model.lr),
+        "--momentum",
+        str(model.momentum),
+        "--optimizer",
+        model.optimizer,
+        "--epochs",
+        str(model.epochs),
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+        *config.flags(),
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("PANGEA_NATS_URL", "PANGEA_JOB", "PANGEA_OUT")}
     env["PANGEA_LOG_FORMAT"] = "text"  # the clock reads the orchestrator's text log
     out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +231,7 @@ def pangea_train(config: Config, out: Path) -> Outcome | str:
         clock = "pro-rated"
     params = {}
     if (out / "params.npz").exists():
-        from pangea.outputs import load_params
+        from pangea.train.outputs import load_params
 
         params = load_params(out / "params.npz")
     return Outcome(accuracy, evaluations, _total(metrics.get("bytes_sent")), params, clock)
@@ -244,8 +273,9 @@ def ddp_train(config: Config, out: Path) -> Outcome | str:
     _warm_up(config)
     out.mkdir(parents=True, exist_ok=True)
     try:  # fork: the ranks inherit the imports instead of paying for them K times on 2 cores
-        mp.start_processes(_ddp_rank, args=(config, _free_port(), str(out)), nprocs=config.workers,
-                           join=True, start_method="fork")
+        mp.start_processes(
+            _ddp_rank, args=(config, _free_port(), str(out)), nprocs=config.workers, join=True, start_method="fork"
+        )
     except Exception as exc:  # noqa: BLE001 - one row fails, the table goes on
         lines = str(exc).strip().splitlines()
         return f"DDP failed: {type(exc).__name__}: {lines[-1] if lines else ''}"
@@ -262,9 +292,9 @@ def _warm_up(config: Config) -> None:
     import torch.distributed  # noqa: F401
     from torch.nn.parallel import DistributedDataParallel  # noqa: F401
 
-    from pangea.data import load_dataset
     from pangea.settings import TrainSettings
-    from pangea.training import make_optimizer
+    from pangea.train.data import load_dataset
+    from pangea.train.training import make_optimizer
 
     load_dataset("digits")
     make_optimizer(TrainSettings(optimizer=config.model.optimizer), [torch.zeros(1, requires_grad=True)])
@@ -283,22 +313,31 @@ def _ddp_rank(rank: int, config: Config, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from pangea.aggregate import split_batch
-    from pangea.data import global_batch, load_dataset, position
-    from pangea.models import build_model
     from pangea.settings import TrainSettings
-    from pangea.training import evaluate, loss_fn, make_optimizer, total_rounds
+    from pangea.train.aggregate import split_batch
+    from pangea.train.data import global_batch, load_dataset, position
+    from pangea.train.models import build_model
+    from pangea.train.tasks import classify_loss as loss_fn
+    from pangea.train.tasks import get_task
+    from pangea.train.training import make_optimizer, total_rounds
 
     k, model_cfg = config.workers, config.model
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // k))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k,
-                            timeout=timedelta(seconds=300))
-    settings = TrainSettings(dataset="digits", hidden=model_cfg.hidden, lr=model_cfg.lr,
-                             momentum=model_cfg.momentum, optimizer=model_cfg.optimizer,
-                             epochs=model_cfg.epochs, batch_size=config.batch_size, seed=0)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k, timeout=timedelta(seconds=300)
+    )
+    settings = TrainSettings(
+        dataset="digits",
+        hidden=model_cfg.hidden,
+        lr=model_cfg.lr,
+        momentum=model_cfg.momentum,
+        optimizer=model_cfg.optimizer,
+        epochs=model_cfg.epochs,
+        batch_size=config.batch_size,
+        seed=0,
+    )
     dataset = load_dataset(settings.dataset)
-    model = build_model(settings.model, dataset.input_shape, dataset.num_classes, settings.hidden_sizes,
-                        settings.seed)
+    model = build_model(settings.model, dataset.input_shape, dataset.num_classes, settings.hidden_sizes, settings.seed)
     ddp = DistributedDataParallel(model)
     optimizer = make_optimizer(settings, ddp.parameters())
     n, members = len(dataset.x_train), [str(i) for i in range(k)]
@@ -310,7 +349,7 @@ def _ddp_rank(rank: int, config: Config, port: int, out: str) -> None:
         epoch, step = position(r, n, settings.batch_size)
         idx = global_batch(n, settings.batch_size, settings.seed, epoch, step)
         shard = {w: (a, b) for w, a, b in split_batch(len(idx), members)}.get(str(rank), (0, 0))
-        rows = idx[shard[0]:shard[1]]
+        rows = idx[shard[0] : shard[1]]
         optimizer.zero_grad(set_to_none=True)
         if len(rows):
             logits = ddp(torch.from_numpy(dataset.x_train[rows]))
@@ -322,13 +361,16 @@ def _ddp_rank(rank: int, config: Config, port: int, out: str) -> None:
         loss.backward()
         optimizer.step()
         if rank == 0 and position(r + 1, n, settings.batch_size)[1] == 0:
-            accuracy.append(evaluate(model, dataset.x_test, dataset.y_test))
+            accuracy.append(get_task("classify").evaluate(model, dataset)["test_accuracy"])
             epoch_seconds.append(time.perf_counter() - start)
     if rank == 0:
         steps_per_epoch = rounds // settings.epochs
         ring_bytes = 2 * (k - 1) * 4 * sum(p.numel() for p in model.parameters())
-        result = {"accuracy": accuracy, "epoch_seconds": epoch_seconds,
-                  "bytes_sent": ring_bytes * steps_per_epoch * settings.epochs}
+        result = {
+            "accuracy": accuracy,
+            "epoch_seconds": epoch_seconds,
+            "bytes_sent": ring_bytes * steps_per_epoch * settings.epochs,
+        }
         Path(out, "ddp.json").write_text(json.dumps(result))
         np.savez(Path(out, "ddp-params.npz"), **{name: p.detach().numpy() for name, p in model.named_parameters()})
     dist.barrier()
@@ -340,6 +382,7 @@ def _ddp_rank(rank: int, config: Config, port: int, out: str) -> None:
 
 def row(config: Config, pangea: Outcome | str, ddp: Outcome | str, target: float) -> dict:
     """The printed row: Pangea next to DDP, the ratio, and the sanity checks."""
+
     def number(outcome, what):
         if isinstance(outcome, str):
             return "failed"
@@ -353,7 +396,8 @@ def row(config: Config, pangea: Outcome | str, ddp: Outcome | str, target: float
         "config": config.label,
         "params": config.model.numel,
         "epochs to target pangea/ddp": "/".join(
-            str(o.reached(target) or "-") if isinstance(o, Outcome) else "failed" for o in (pangea, ddp)),
+            str(o.reached(target) or "-") if isinstance(o, Outcome) else "failed" for o in (pangea, ddp)
+        ),
         "pangea s": p_s,
         "ddp s": d_s,
         "pangea/ddp time": p_s / d_s if isinstance(p_s, float) and isinstance(d_s, float) else "n/a",
@@ -399,8 +443,10 @@ def run(configs: list[Config] | None = None, target: float = TARGET, only: str |
                 if isinstance(outcome, str):
                     print(f"   {name}: {outcome}")
                 else:
-                    print(f"   {name}: accuracy per epoch {[round(a, 3) for a in outcome.accuracy]}; "
-                          f"(seconds, accuracy) per evaluation {[(round(s, 1), round(a, 4)) for s, a in outcome.evaluations]}")
+                    print(
+                        f"   {name}: accuracy per epoch {[round(a, 3) for a in outcome.accuracy]}; "
+                        f"(seconds, accuracy) per evaluation {[(round(s, 1), round(a, 4)) for s, a in outcome.evaluations]}"
+                    )
             rows.append(row(config, pangea, ddp, target))
     return rows
 
@@ -424,14 +470,18 @@ def main() -> None:
     load = os.getloadavg()[0]
     started = time.perf_counter()
     rows = run(QUICK if args.quick else CONFIGS, target, args.only)
-    print(f"target test accuracy {target}; load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end "
-          f"(2 cores shared: wall times move with it); {time.perf_counter() - started:.0f}s in all")
+    print(
+        f"target test accuracy {target}; load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end "
+        f"(2 cores shared: wall times move with it); {time.perf_counter() - started:.0f}s in all"
+    )
     record("train-quick" if args.quick else "train", rows)
     print(goal_line(rows))
     for r in rows:
         if isinstance(r["final acc pangea"], float) and isinstance(r["final acc ddp"], float):
-            print(f"sanity: {r['config']}: final test accuracy pangea {r['final acc pangea']:.4f} vs "
-                  f"ddp {r['final acc ddp']:.4f} (diff {abs(r['final acc pangea'] - r['final acc ddp']):.4f})")
+            print(
+                f"sanity: {r['config']}: final test accuracy pangea {r['final acc pangea']:.4f} vs "
+                f"ddp {r['final acc ddp']:.4f} (diff {abs(r['final acc pangea'] - r['final acc ddp']):.4f})"
+            )
 
 
 if __name__ == "__main__":
