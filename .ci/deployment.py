@@ -11,12 +11,17 @@ on the host's network (infra/docker-compose.host.yaml), on free loopback ports p
 3. Job B, another PANGEA_JOB on the same server and volume: mid-run one worker is killed
    (docker kill) and the orchestrator restarted (docker compose restart); the job ends, `pangea
    verify` finds it exact against its recorded plans, and job A's outputs are untouched.
+4. Job C, the workers scaled by the orchestrator's signal: the stack comes up with `--scale
+   worker=0`, and `pangea autoscale --compose "docker compose ..."` on the host scales the worker
+   service from 0 to as many as the job asks for (more than one: its shards cost time per sample,
+   .ci/compose-autoscale.yaml) and back to 0 when it is done; `pangea verify` finds it exact.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -67,8 +72,12 @@ class Deployment:
             PANGEA_TORCH_THREADS=str(THREADS), PANGEA_EPOCHS=str(EPOCHS),
         )
 
-    def compose(self, *args: str, job: str = "digits", timeout: float = 600, check: bool = True) -> str:
-        return run("docker", "compose", "-p", self.project, *FILES, *args, env={**self.env, "PANGEA_JOB": job},
+    def compose_command(self, files: tuple[str, ...] = FILES) -> list[str]:
+        return ["docker", "compose", "-p", self.project, *files]
+
+    def compose(self, *args: str, job: str = "digits", timeout: float = 600, check: bool = True,
+                files: tuple[str, ...] = FILES, **env: str) -> str:
+        return run(*self.compose_command(files), *args, env={**self.env, "PANGEA_JOB": job, **env},
                    timeout=timeout, check=check)
 
     def containers(self, service: str | None = None) -> list[dict]:
@@ -220,6 +229,48 @@ def job_b(dep: Deployment, work: Path, first: Path) -> None:
     log("job digits' outputs on the volume are untouched by the second job")
 
 
+def job_c(dep: Deployment, work: Path) -> None:
+    """Workers from 0 to what the job asks for and back to 0, by `pangea autoscale --compose`."""
+    job, most = "digits-autoscale", 3
+    files = (*FILES, "-f", ".ci/compose-autoscale.yaml")
+    env = {"PANGEA_WORKERS": "1", "PANGEA_MIN_WORKERS": "1", "PANGEA_MAX_WORKERS": str(most), "PANGEA_EPOCHS": "12"}
+    started = time.monotonic()
+    dep.compose("up", "-d", "--scale", "worker=0", job=job, files=files, **env)
+    if dep.compose("ps", "-q", "worker", job=job, files=files).split():
+        raise Failed("up --scale worker=0 left workers running")
+    scaler = subprocess.run(
+        [sys.executable, "-m", "pangea", "autoscale", "--nats-url", f"nats://127.0.0.1:{dep.nats_port}",
+         "--jobs", job, "--max-workers", str(most), "--period", "0.5", "--until-idle", "true",
+         "--compose", shlex.join(dep.compose_command(files))],
+        env={**dep.env, "PANGEA_JOB": job, **env, "PANGEA_HTTP_PORT": "0"}, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    said = (scaler.stdout + scaler.stderr).strip()
+    if scaler.returncode != 0:
+        raise Failed(f"pangea autoscale --compose exited {scaler.returncode}: {said[-2000:]}")
+    scaled = [line.split("compose service worker: ", 1)[1] for line in said.splitlines() if "compose service worker: " in line]
+    log(f"pangea autoscale --compose: {'; '.join(scaled)}")
+    left = dep.compose("ps", "-q", "--status", "running", "worker", job=job, files=files).split()
+    if left:
+        raise Failed(f"{len(left)} worker container(s) still running after pangea autoscale --until-idle")
+    wait_orchestrator(dep, job)
+    run_dir = dep.copy_out(job, work / job)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if max(metrics["desired_workers"]) < 2 or max(metrics["workers"]) < 2:
+        raise Failed(f"job {job} never asked for or ran more than one worker: desired "
+                     f"{sorted(set(metrics['desired_workers']))}, ran {sorted(set(metrics['workers']))}")
+    rates: dict[int, list[float]] = {}
+    for k, n, seconds in zip(metrics["workers"], metrics["samples"], metrics["round_seconds"]):
+        rates.setdefault(k, []).append(n / seconds)
+    log("median samples/s per worker count: "
+        + ", ".join(f"{k}: {sorted(v)[len(v) // 2]:.0f}" for k, v in sorted(rates.items())))
+    verify = subprocess.run([sys.executable, "-m", "pangea", "verify", str(run_dir)], env=host_env(),
+                            capture_output=True, text=True, timeout=600)
+    if verify.returncode != 0:
+        raise Failed(f"pangea verify {run_dir} exited {verify.returncode}: {(verify.stdout + verify.stderr).strip()}")
+    log(f"job {job}: 0 -> {max(metrics['workers'])} -> 0 workers by the signal, ended in "
+        f"{time.monotonic() - started:.0f}s; pangea verify: {verify.stdout.strip()}")
+
+
 def main() -> int:
     dep = Deployment()
     work = Path(tempfile.mkdtemp(prefix="pangea-deployment-"))
@@ -228,6 +279,7 @@ def main() -> int:
         build(dep)
         first = job_a(dep, work)
         job_b(dep, work, first)
+        job_c(dep, work)
     except Failed as exc:
         log(f"FAILED: {exc}")
         for name in ("orchestrator", "preprocessor", "worker", "nats"):

@@ -358,6 +358,12 @@ class AutoscaleSettings(BusSettings):
     torch_threads: int = Field(1, ge=0, description="torch intra-op threads of each worker started")
     log_dir: Path = Field(Path("runs/autoscale"), description="where each started worker's log goes")
     until_idle: bool = Field(False, description="exit once every job that asked for workers is finished and none run")
+    compose: str | None = Field(
+        None,
+        description="scale a docker compose deployment's workers instead of local processes: the compose command, "
+        "e.g. 'docker compose -f infra/docker-compose.yaml -p pangea'",
+    )
+    compose_service: str = Field("worker", min_length=1, description="the compose service that runs the workers")
 
     @field_validator("max_workers")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -130,3 +131,64 @@ def test_pangea_run_autoscale_follows_the_signal_and_stays_exact(tmp_path):
 def test_a_bad_autoscale_range_is_one_line(flags, says):
     result = run_pangea("run", *flags, env=role_env())
     assert_one_line_error(result, says)
+
+
+# The compose backend's logic, against a stand-in for the `docker compose` CLI that records its
+# calls and keeps a scale (the real engine and Compose v2 are .ci/deployment.py's job digits-autoscale).
+FAKE_COMPOSE = """
+import json, pathlib, sys
+state = pathlib.Path(sys.argv[1])
+calls = json.loads(state.read_text()) if state.exists() else []
+args = sys.argv[2:]
+calls.append(args)
+state.write_text(json.dumps(calls))
+if args[0] == "ps":
+    scales = [a.split("=")[1] for c in calls if c[0] == "up" for a in c if a.startswith("worker=")]
+    print("\\n".join(f"c{i}" for i in range(int(scales[-1]) if scales else 0)))
+elif args[0] == "up" and "worker=9" in args:
+    print("Error response from daemon: no room", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def _compose_workers(tmp_path):
+    from pangea.app.autoscale import ComposeWorkers
+    from pangea.settings import AutoscaleSettings
+
+    script = tmp_path / "compose.py"
+    script.write_text(FAKE_COMPOSE)
+    state = tmp_path / "calls.json"
+    command = f"{sys.executable} {script} {state}"
+    return ComposeWorkers(AutoscaleSettings(compose=command, _env_file=None)), state
+
+
+def test_compose_workers_scale_the_service_to_what_the_jobs_want_in_all(tmp_path):
+    workers, state = _compose_workers(tmp_path)
+    assert workers.alive() == 0
+    workers.reconcile({"a": 2})
+    workers.reconcile({"a": 2})  # no change: compose is not asked again
+    assert workers.alive() == 2
+    workers.reconcile({"a": 2, "b": 1})
+    workers.reconcile({"a": 0, "b": 0})
+    ups = [c for c in json.loads(state.read_text()) if c[0] == "up"]
+    assert ups == [["up", "-d", "--no-deps", "--no-recreate", "--scale", f"worker={n}", "worker"] for n in (2, 3, 0)]
+    assert workers.alive() == 0
+
+
+def test_a_failed_compose_call_names_the_command_and_is_tried_again(tmp_path):
+    from pangea.app.autoscale import ComposeError
+
+    workers, state = _compose_workers(tmp_path)
+    with pytest.raises(ComposeError, match=r"exited 1: Error response from daemon: no room"):
+        workers.reconcile({"a": 9})
+    with pytest.raises(ComposeError):
+        workers.reconcile({"a": 9})  # not taken as applied: the next period asks again
+    assert sum(c[0] == "up" for c in json.loads(state.read_text())) == 2
+
+
+def test_a_compose_command_that_cannot_run_is_one_line(nats_url, job):
+    result = run_pangea(
+        "autoscale", "--jobs", job, "--compose", "no-such-docker-xyz compose", env=role_env(nats_url), timeout=60
+    )
+    assert result.returncode == 2
+    assert_one_line_error(result, "--compose", "no-such-docker-xyz")

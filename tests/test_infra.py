@@ -246,7 +246,7 @@ if yaml:
 
 
 def interpolate(value, env: dict[str, str]):
-    """Compose's ${VAR}, ${VAR:-default} and ${VAR-default} in every string, recursively."""
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR-default} in every string, recursively (nested too)."""
     if isinstance(value, dict):
         return {k: interpolate(v, env) for k, v in value.items()}
     if isinstance(value, list):
@@ -262,7 +262,10 @@ def interpolate(value, env: dict[str, str]):
             return env.get(name, default)
         return env.get(name, "")
 
-    return re.sub(r"\$\{(\w+)(?:(:?-)([^}]*))?\}", one, value).replace("$$", "$")
+    # Innermost first, so that a default may itself be ${OTHER:-default}, as Compose v2 allows.
+    while (done := re.sub(r"\$\{(\w+)(?:(:?-)([^${}]*))?\}", one, value)) != value:
+        value = done
+    return value.replace("$$", "$")
 
 
 def load_compose(path, env: dict[str, str] | None = None) -> dict:
@@ -366,6 +369,21 @@ def test_compose_starts_the_workers_round_0_waits_for(monkeypatch, tmp_path):
         )
         replicas = int(compose["services"]["worker"]["deploy"]["replicas"])
         assert orchestrator.workers == replicas, "round 0 would wait for more workers than compose starts"
+
+
+def test_compose_signal_asks_for_the_fixed_count_unless_given_a_range(monkeypatch, tmp_path):
+    """The orchestrator's autoscaling range in compose: PANGEA_WORKERS alone (no scaling), or the
+    range `pangea autoscale --compose` follows (README: PANGEA_MAX_WORKERS=4 ... --scale worker=0)."""
+    for env, low, high in (
+        ({}, 2, 2),
+        ({"PANGEA_WORKERS": "3"}, 3, 3),
+        ({"PANGEA_WORKERS": "1", "PANGEA_MAX_WORKERS": "4"}, 1, 4),
+    ):
+        compose = load_compose(COMPOSE, env)
+        orchestrator = load_role(
+            "orchestrator", service_env(compose["services"]["orchestrator"]), monkeypatch, tmp_path
+        )
+        assert (orchestrator.min_workers, orchestrator.max_workers) == (low, high), env
 
 
 def test_compose_workers_pin_their_threads_so_a_reference_can_match(compose, monkeypatch, tmp_path):

@@ -1,11 +1,19 @@
-"""`pangea autoscale`: local worker processes for every job on the server, as many as each asks for.
+"""`pangea autoscale`: as many workers for every job on the server as each asks for.
 
 Each orchestrator publishes how many workers its job should have (`roles.demand`, the job
 bucket's `desired` key); this controller reads the signal of every job on the server each
-`--period` seconds and starts `pangea worker --job J` processes or stops them (SIGTERM: a
-worker leaves after the shard in hand) until each job has that many, within
-[`--min-workers`, `--max-workers`].  A job that is finished, or asks for none, gets none: with
-no job the controller runs no workers, and a new job gets its workers without anyone naming it.
+`--period` seconds and brings the workers to that many, within [`--min-workers`,
+`--max-workers`].  A job that is finished, or asks for none, gets none: with no job the
+controller runs no workers, and a new job gets its workers without anyone naming it.
+
+Two ways to have workers (one class each):
+- `LocalWorkers` (the default): `pangea worker --job J` processes on this host, stopped with
+  SIGTERM (a worker leaves after the shard in hand); stopping the controller stops them.
+- `ComposeWorkers` (`--compose "docker compose -f … -p …"`): the worker service of a compose
+  deployment, scaled with `up -d --no-deps --no-recreate --scale worker=N worker`; compose stops
+  the surplus containers the same way (SIGTERM, then its stop_grace_period).  Its workers serve
+  the job their compose environment names, so `--jobs` should name that one job; the
+  containers belong to the deployment and stay at their last scale when the controller stops.
 On Kubernetes, KEDA follows the same signal (infra/k8s/keda-scaledobject.yaml).
 """
 
@@ -16,43 +24,69 @@ import fnmatch
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from typing import Protocol
 
 from pangea.bus import subjects
 from pangea.bus.client import Bus
+from pangea.errors import SettingsError
 from pangea.settings import AutoscaleSettings
 
 log = logging.getLogger(__name__)
+
+
+class Workers(Protocol):
+    """Where the workers run: brought to the count each job wants, counted, let go at the end."""
+
+    def reconcile(self, wanted: dict[str, int]) -> None: ...
+
+    def alive(self) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class Autoscaler:
     def __init__(self, settings: AutoscaleSettings, bus: Bus) -> None:
         self.settings = settings
         self.bus = bus
-        self.workers: dict[str, list[subprocess.Popen]] = {}  # job -> its workers, oldest first
-        self.leaving: set[int] = set()  # pids told to leave
-        self.started = 0
+        self.workers: Workers = ComposeWorkers(settings) if settings.compose else LocalWorkers(settings)
         self.stopping = False
 
     def request_stop(self) -> None:
         self.stopping = True
 
     async def run(self) -> None:
+        try:
+            log.info("autoscale: %d workers running at start", await asyncio.to_thread(self.workers.alive))
+        except ComposeError as exc:  # a command that cannot work: say so once, do not retry
+            raise SettingsError(f"--compose (PANGEA_COMPOSE): {exc}") from None
         busy = False  # some job asked for workers since we started
         try:
             while not self.stopping:
                 wanted = await self.wanted()
-                self.reconcile(wanted)
+                try:
+                    await asyncio.to_thread(self.workers.reconcile, wanted)
+                except ComposeError as exc:  # a busy or restarting engine: the next period tries again
+                    log.warning("autoscale: %s", exc)
                 busy = busy or any(wanted.values())
-                if self.settings.until_idle and busy and not any(wanted.values()) and not self.alive():
-                    log.info("autoscale: every job is finished and no worker runs: exiting")
-                    return
+                if self.settings.until_idle and busy and not any(wanted.values()):
+                    if not await asyncio.to_thread(self._alive_or_unknown):
+                        log.info("autoscale: every job is finished and no worker runs: exiting")
+                        return
                 await asyncio.sleep(self.settings.period)
         finally:
-            self.stop_all()
+            self.workers.close()
+
+    def _alive_or_unknown(self) -> int:
+        try:
+            return self.workers.alive()
+        except ComposeError as exc:
+            log.warning("autoscale: %s", exc)
+            return -1  # not known: not idle
 
     async def wanted(self) -> dict[str, int]:
         """Workers each job on the server should have now."""
@@ -69,13 +103,23 @@ class Autoscaler:
             wanted[job] = min(max(desired, s.min_workers), s.max_workers) if desired else 0
         return wanted
 
+
+class LocalWorkers:
+    """`pangea worker` processes on this host, per job."""
+
+    def __init__(self, settings: AutoscaleSettings) -> None:
+        self.settings = settings
+        self.procs: dict[str, list[subprocess.Popen]] = {}  # job -> its workers, oldest first
+        self.leaving: set[int] = set()  # pids told to leave
+        self.started = 0
+
     def alive(self) -> int:
-        return sum(p.poll() is None for procs in self.workers.values() for p in procs)
+        return sum(p.poll() is None for procs in self.procs.values() for p in procs)
 
     def reconcile(self, wanted: dict[str, int]) -> None:
-        self.leaving &= {p.pid for procs in self.workers.values() for p in procs if p.poll() is None}
-        for job in sorted(set(self.workers) | set(wanted)):
-            procs = [p for p in self.workers.get(job, []) if p.poll() is None]
+        self.leaving &= {p.pid for procs in self.procs.values() for p in procs if p.poll() is None}
+        for job in sorted(set(self.procs) | set(wanted)):
+            procs = [p for p in self.procs.get(job, []) if p.poll() is None]
             staying = [p for p in procs if p.pid not in self.leaving]
             target = wanted.get(job, 0)
             if len(staying) != target:
@@ -85,7 +129,7 @@ class Autoscaler:
             for proc in reversed(staying[target:]):  # the newest leave first
                 proc.send_signal(signal.SIGTERM)
                 self.leaving.add(proc.pid)
-            self.workers[job] = procs
+            self.procs[job] = procs
 
     def _start(self, job: str) -> subprocess.Popen:
         s = self.settings
@@ -106,9 +150,9 @@ class Autoscaler:
                 [sys.executable, "-m", "pangea", "worker"], env=env, stdout=out, stderr=subprocess.STDOUT
             )
 
-    def stop_all(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = 30.0) -> None:
         """SIGTERM every worker still running (each leaves after its shard), SIGKILL after `timeout`."""
-        procs = [p for ps in self.workers.values() for p in ps if p.poll() is None]
+        procs = [p for ps in self.procs.values() for p in ps if p.poll() is None]
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -119,3 +163,43 @@ class Autoscaler:
                 proc.kill()
                 proc.wait()
         log.info("autoscale: stopped; 0 workers running")
+
+
+class ComposeWorkers:
+    """The worker service of a docker compose deployment, scaled to what the jobs want in all."""
+
+    def __init__(self, settings: AutoscaleSettings) -> None:
+        self.command = shlex.split(settings.compose)
+        self.service = settings.compose_service
+        self.applied: int | None = None  # the scale last asked of compose
+
+    def _compose(self, *args: str, timeout: float = 300) -> str:
+        argv = [*self.command, *args]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ComposeError(f"`{shlex.join(argv)}` failed: {exc}") from None
+        if done.returncode != 0:
+            raise ComposeError(f"`{shlex.join(argv)}` exited {done.returncode}: {done.stderr.strip()[-500:]}")
+        return done.stdout
+
+    def alive(self) -> int:
+        return len(self._compose("ps", "-q", "--status", "running", self.service).split())
+
+    def reconcile(self, wanted: dict[str, int]) -> None:
+        target = sum(wanted.values())
+        if target == self.applied:
+            return
+        log.info("autoscale: compose service %s: %s -> %d workers (%s)", self.service,
+                 "?" if self.applied is None else self.applied, target,
+                 ", ".join(f"{job} {n}" for job, n in sorted(wanted.items())) or "no job")  # fmt: skip
+        self._compose("up", "-d", "--no-deps", "--no-recreate", "--scale", f"{self.service}={target}", self.service)
+        self.applied = target
+
+    def close(self) -> None:
+        if self.applied is not None:
+            log.info("autoscale: stopped; the compose service %s stays at %d workers", self.service, self.applied)
+
+
+class ComposeError(RuntimeError):
+    """A `docker compose` call failed: the message names the command and what it said."""

@@ -19,6 +19,7 @@ _CLASSES = [
     (s.ReferenceSettings, "reference"),
     (s.ReplaySettings, "replay"),
     (s.VerifySettings, "verify"),
+    (s.AutoscaleSettings, "autoscale"),
 ]
 _DEFAULTS = {
     "PANGEA_OUT": "runs/<job> (run, replay), runs/reference (reference), DIR/verify (verify)",
@@ -28,7 +29,9 @@ _USERS = {
     "PANGEA_DATASET": "run, reference, orchestrator, preprocessor and verify (override)",
     "PANGEA_DEVICE": "worker, run, replay, reference",
     "PANGEA_WORKERS": "orchestrator, run, replay, reference",
-    "PANGEA_TORCH_THREADS": "worker, run, reference",
+    "PANGEA_TORCH_THREADS": "worker, run, reference, autoscale (each worker it starts)",
+    "PANGEA_MIN_WORKERS": "orchestrator, run, autoscale (its own bound)",
+    "PANGEA_MAX_WORKERS": "orchestrator, run, autoscale (its own bound)",
     "PANGEA_STORE_DIR": "run, replay",
 }
 

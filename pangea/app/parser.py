@@ -44,7 +44,8 @@ EXAMPLES = {
     "checkpoint": "example:\n  pangea checkpoint export --nats-url nats://127.0.0.1:4222 --job exp1 --out exp1.pt\n"
     "  python -c \"import torch; sd = torch.load('exp1.pt'); print(list(sd))\"",
     "autoscale": "examples:\n  pangea autoscale --nats-url nats://127.0.0.1:4222 --max-workers 4\n"
-    "  pangea orchestrator --job big --workers 1 --max-workers 4 ... & pangea autoscale --max-workers 4",
+    "  pangea orchestrator --job big --workers 1 --max-workers 4 ... & pangea autoscale --max-workers 4\n"
+    "  pangea autoscale --jobs digits --max-workers 4 --compose 'docker compose -f infra/docker-compose.yaml'",
     "status": "examples:\n  pangea status --nats-url nats://127.0.0.1:4222 --job exp1\n"
     "  pangea status --job exp1 --json   # for scripts and autoscalers",
 }
@@ -197,9 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command(
         "autoscale",
-        "run local workers for every job on the server, as many as each job's orchestrator asks for",
+        "run workers for every job on the server, as many as each job's orchestrator asks for "
+        "(local processes, or a docker compose deployment's worker service)",
         cfg.AutoscaleSettings,
-        "jobs min_workers max_workers period torch_threads log_dir until_idle".split(),
+        "jobs min_workers max_workers period torch_threads log_dir until_idle compose compose_service".split(),
         bus=True,
     )
     status = command("status", "members, backlog, progress and round times of a job", cfg.BusSettings, bus=True)
