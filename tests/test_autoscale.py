@@ -192,3 +192,22 @@ def test_a_compose_command_that_cannot_run_is_one_line(nats_url, job):
     )
     assert result.returncode == 2
     assert_one_line_error(result, "--compose", "no-such-docker-xyz")
+
+
+def test_a_worker_that_fails_on_a_setting_is_not_started_again_and_again(nats_url, job, tmp_path):
+    """A worker exits 2 (its device setting is wrong): the controller says so once, with the
+    worker's own one-line error, and starts no more for the job (a restart cannot fix it)."""
+    cluster = Cluster(nats_url, job, tmp_path)
+    try:
+        cluster.start("orch", "orchestrator", "--workers", "1", "--out", str(tmp_path / "run"))
+        scaler = _autoscale(cluster, "--min-workers", "1", device="tpu")
+        deadline = time.monotonic() + 60
+        while "starting no more" not in cluster.log("autoscale"):
+            assert scaler.poll() is None and time.monotonic() < deadline, cluster.log("autoscale")[-3000:]
+            time.sleep(0.2)
+        time.sleep(2)  # ten more periods: none starts another
+        text = cluster.log("autoscale")
+        assert text.count("starting no more") == 1 and "PANGEA_DEVICE" in text, text[-3000:]
+        assert len(list((tmp_path / "autoscaled").glob("*.log"))) == 1
+    finally:
+        cluster.close()

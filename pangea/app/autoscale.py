@@ -33,7 +33,7 @@ from typing import Protocol
 
 from pangea.bus import subjects
 from pangea.bus.client import Bus
-from pangea.errors import SettingsError
+from pangea.errors import EXIT_USER_ERROR, SettingsError
 from pangea.settings import AutoscaleSettings
 
 log = logging.getLogger(__name__)
@@ -105,31 +105,67 @@ class Autoscaler:
 
 
 class LocalWorkers:
-    """`pangea worker` processes on this host, per job."""
+    """`pangea worker` processes on this host, per job.
+
+    A worker that fails is not simply started again each period: one that exits with a user
+    error (exit 2: a setting, a data set; a restart cannot fix it) stops the controller from
+    starting more for its job, said once with the worker's last log line; one that crashes
+    otherwise is replaced after a doubling wait (2 s ... 60 s).
+    """
+
+    HOLD_CAP = 60.0  # seconds: the longest wait before replacing a crashed worker
 
     def __init__(self, settings: AutoscaleSettings) -> None:
         self.settings = settings
         self.procs: dict[str, list[subprocess.Popen]] = {}  # job -> its workers, oldest first
         self.leaving: set[int] = set()  # pids told to leave
         self.started = 0
+        self.crashes: dict[str, int] = {}  # job -> crashes of its workers so far
+        self.held_until: dict[str, float] = {}  # job -> no new worker before this (monotonic)
+        self.refused: set[str] = set()  # jobs whose worker exited with a user error
+        self.names: dict[int, str] = {}  # pid -> worker id, which names its log
 
     def alive(self) -> int:
         return sum(p.poll() is None for procs in self.procs.values() for p in procs)
 
     def reconcile(self, wanted: dict[str, int]) -> None:
+        for job, procs in self.procs.items():
+            for proc in procs:
+                if proc.poll() not in (None, 0) and proc.pid not in self.leaving:
+                    self._failed(job, proc)
         self.leaving &= {p.pid for procs in self.procs.values() for p in procs if p.poll() is None}
+        now = time.monotonic()
         for job in sorted(set(self.procs) | set(wanted)):
             procs = [p for p in self.procs.get(job, []) if p.poll() is None]
             staying = [p for p in procs if p.pid not in self.leaving]
             target = wanted.get(job, 0)
-            if len(staying) != target:
-                log.info("autoscale: job %s: %d -> %d workers", job, len(staying), target)
-            for _ in range(target - len(staying)):
+            more = target - len(staying)
+            if more > 0 and (job in self.refused or now < self.held_until.get(job, 0.0)):
+                more = 0
+            if more or len(staying) > target:
+                log.info("autoscale: job %s: %d -> %d workers", job, len(staying), min(target, len(staying) + more))
+            for _ in range(more):
                 procs.append(self._start(job))
             for proc in reversed(staying[target:]):  # the newest leave first
                 proc.send_signal(signal.SIGTERM)
                 self.leaving.add(proc.pid)
             self.procs[job] = procs
+
+    def _failed(self, job: str, proc: subprocess.Popen) -> None:
+        """Called once per failed worker (reconcile drops it from `procs` right after)."""
+        name = self.names.pop(proc.pid, "?")
+        last = _last_line(self.settings.log_dir / f"{name}.log")
+        if proc.returncode == EXIT_USER_ERROR:
+            if job not in self.refused:
+                log.error("autoscale: job %s: a worker exited %d (%s): starting no more for this job",
+                          job, proc.returncode, last)  # fmt: skip
+            self.refused.add(job)
+            return
+        self.crashes[job] = self.crashes.get(job, 0) + 1
+        hold = min(2.0 ** self.crashes[job], self.HOLD_CAP)
+        self.held_until[job] = time.monotonic() + hold
+        log.warning("autoscale: job %s: worker %s exited %d (%s): next one in %.0fs",
+                    job, name, proc.returncode, last, hold)  # fmt: skip
 
     def _start(self, job: str) -> subprocess.Popen:
         s = self.settings
@@ -146,9 +182,11 @@ class LocalWorkers:
             env["PANGEA_NATS_URL"] = s.nats_url
         s.log_dir.mkdir(parents=True, exist_ok=True)
         with open(s.log_dir / f"{name}.log", "ab") as out:
-            return subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "pangea", "worker"], env=env, stdout=out, stderr=subprocess.STDOUT
             )
+        self.names[proc.pid] = name
+        return proc
 
     def close(self, timeout: float = 30.0) -> None:
         """SIGTERM every worker still running (each leaves after its shard), SIGKILL after `timeout`."""
@@ -163,6 +201,14 @@ class LocalWorkers:
                 proc.kill()
                 proc.wait()
         log.info("autoscale: stopped; 0 workers running")
+
+
+def _last_line(path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1].strip()[-300:] if lines else "no output"
 
 
 class ComposeWorkers:
