@@ -170,6 +170,7 @@ def test_nkey_users_per_role_are_exact_and_a_worker_key_cannot_act_for_others(jo
         assert not any(s in text for s in seeds), f"a seed leaked into {path.name}"
 
 
+@pytest.mark.slow
 def test_pangea_run_secure_jwt_is_exact(tmp_path):
     """`--secure jwt`: an operator, an account and a creds file per role; the server sees JWTs only."""
     out = tmp_path / "run"

@@ -208,6 +208,7 @@ def test_killed_worker_is_restarted_and_the_run_stays_exact(nats_url, job, tmp_p
     assert_verified(out)
 
 
+@pytest.mark.slow
 def test_batches_larger_than_max_payload_travel_in_frames(nats_url, job, tmp_path):
     """An .npz of 64x64x3 images: each worker's shard is ~3 MB, over the server's 1 MB max payload."""
     rng = np.random.default_rng(0)

@@ -90,6 +90,7 @@ def test_straggler(cluster, tmp_path, policy):
         assert sum(m["samples"]) < 1348
 
 
+@pytest.mark.slow
 def test_scale_up_to_four_and_back_to_one(cluster, tmp_path):
     out = tmp_path / "run"
     cluster.worker("w0", test_delay=0.03)
@@ -191,6 +192,7 @@ def test_replay_of_an_unknown_job_is_one_line(nats_url, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_status_lists_members_and_backlog(cluster, tmp_path, nats_url, job):
     out = tmp_path / "run"
     cluster.worker("s0", test_delay=0.05)

@@ -63,6 +63,7 @@ def test_nats_server_restart_mid_run(job, tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
 def test_exported_checkpoint_loads_and_gives_the_reported_accuracy(nats_url, job, tmp_path):
     out = tmp_path / "run"
     result = run_pangea("run", "--job", job, "--epochs", "2", "--out", str(out), env=role_env(nats_url))
