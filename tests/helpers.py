@@ -53,10 +53,11 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
         assert needle in lines[0], lines[0]
 
 
-def start_run(out: Path, job: str, nats_url: str, *args: str) -> subprocess.Popen:
+def start_run(out: Path, job: str, nats_url: str, *args: str, **settings: object) -> subprocess.Popen:
+    """`pangea run` in the background, with short membership timings unless `settings` say otherwise."""
     return subprocess.Popen(
         pangea_cmd("run", "--job", job, "--out", str(out), *args),
-        env=role_env(nats_url, member_ttl=3, heartbeat_seconds=0.5),
+        env=role_env(nats_url, **{"member_ttl": 3, "heartbeat_seconds": 0.5, **settings}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

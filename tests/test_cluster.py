@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 
 import nats
@@ -12,7 +11,7 @@ import pytest
 from pangea.bus import subjects
 from pangea.bus.server import EmbeddedServer, free_port
 from tests.cluster import Cluster
-from tests.helpers import pangea_cmd, role_env
+from tests.helpers import start_run
 from tests.yardstick import assert_verified
 
 
@@ -65,27 +64,20 @@ def test_three_node_cluster_survives_losing_the_batch_stream_leader(three_nodes,
     urls = ",".join(n.url for n in three_nodes)
     asyncio.run(_wait_for_jetstream(urls))
     out = tmp_path / "run"
-    env = role_env(urls, replicas=3, member_ttl=5, heartbeat_seconds=0.5)
-    proc = subprocess.Popen(
-        pangea_cmd(
-            "run",
-            "--job",
-            job,
-            "--workers",
-            "2",
-            "--epochs",
-            "3",
-            "--batch-size",
-            "32",
-            "--seed",
-            "12",
-            "--out",
-            str(out),
-        ),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_run(
+        out,
+        job,
+        urls,
+        "--workers",
+        "2",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--seed",
+        "12",
+        member_ttl=5,
+        replicas=3,
     )
     try:
         Cluster(urls, job, tmp_path).wait_for_round(15)

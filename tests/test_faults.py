@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import numpy as np
@@ -15,7 +14,7 @@ from pangea.train.data import load_dataset
 from pangea.train.models import build_model
 from pangea.train.tasks import get_task
 from tests.cluster import Cluster, metrics
-from tests.helpers import pangea_cmd, role_env, run_pangea
+from tests.helpers import role_env, run_pangea, start_run
 from tests.yardstick import assert_verified
 
 
@@ -25,27 +24,8 @@ def test_nats_server_restart_mid_run(job, tmp_path):
     server = EmbeddedServer(tmp_path / "store", log_file=tmp_path / "nats.log").start()
     try:
         out = tmp_path / "run"
-        env = role_env(server.url, member_ttl=5, heartbeat_seconds=0.5)
-        proc = subprocess.Popen(
-            pangea_cmd(
-                "run",
-                "--job",
-                job,
-                "--workers",
-                "2",
-                "--epochs",
-                "3",
-                "--batch-size",
-                "32",
-                "--seed",
-                "6",
-                "--out",
-                str(out),
-            ),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        proc = start_run(
+            out, job, server.url, "--workers", "2", "--epochs", "3", "--batch-size", "32", "--seed", "6", member_ttl=5
         )
         try:
             Cluster(server.url, job, tmp_path).wait_for_round(20)
