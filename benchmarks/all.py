@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from benchmarks import codec, lab, pipe, train
+from benchmarks import codec, lab, latency, pipe, train
 from benchmarks import round as round_  # the module, not the builtin
 from benchmarks.common import RESULTS, machine, record
 
@@ -25,6 +25,10 @@ BENCHMARKS = {
     "round": (
         round_.run,
         "one aggregation round of `pangea run` (K workers, P parameters) vs torch.distributed gloo all_reduce",
+    ),
+    "latency": (
+        latency.run,
+        "the floor of a round: `pangea run`'s round on a tiny model vs two bare JetStream publish -> pull-fetch hops",
     ),
     "train": (
         train.run,
@@ -51,6 +55,8 @@ def _goals(name: str, rows: list[dict]) -> list[str]:
         return round_.goals(rows)
     if name == "train":
         return [train.goal_line(rows)]
+    if name == "latency":
+        return [latency.goal_line(rows)]
     if name == "lab":
         return lab.notes(rows)
     return []

@@ -19,9 +19,11 @@ dataset cut from digits so the run has a few rounds.  Columns:
                     size and torch threads as a worker: the part of a round that is not talk
   gloo_allreduce_s  median all_reduce of a float32 tensor of P elements across K processes
   pangea / gloo     pangea_round_s / gloo_allreduce_s (gloo always fp32)
-  orch_cpu_s        CPU seconds the orchestrator used per timed round (it is one process)
-  all_cpu_s         CPU seconds every role and the nats-server used per timed round: next
-                    to cores x pangea_round_s it shows how much of the machine the run got
+  cpu_<kind>_s       CPU seconds per timed round of each kind of process, all of that kind
+                    together: workers, orchestrator, reducers (S > 1), preprocessor, nats
+                    (the nats-server); the biggest is where the next change should go
+  all_cpu_s         their sum: next to cores x pangea_round_s it shows how much of the
+                    machine the run got
   peak_rss_over_model  (orchestrator VmHWM - its RSS once the job spec is on the bus, i.e.
                     the model is built and no round has started) / (4 P bytes)
 """
@@ -41,7 +43,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -179,9 +181,12 @@ def shards_supported() -> bool:
     return "--shards" in help_text
 
 
+EXTRA_ENV: dict[str, str] = {}  # --set: PANGEA_* settings of every run (a variant to compare)
+
+
 def _env() -> dict[str, str]:
-    """The environment of `pangea run`: this tree's pangea first, no PANGEA_* of the caller."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PANGEA_")}
+    """The environment of `pangea run`: this tree's pangea first, no PANGEA_* of the caller but --set's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PANGEA_")} | EXTRA_ENV
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     return env
 
@@ -217,22 +222,33 @@ def _pids(out: Path) -> dict[str, int]:
         return {}
 
 
+KINDS = ("workers", "orchestrator", "reducers", "preprocessor", "nats")
+
+
+def kind_of(name: str) -> str:
+    """The kind of process a pids.json name is: worker-2 -> workers, reducer-1 -> reducers."""
+    base = name.rstrip("0123456789").rstrip("-_")
+    return {"worker": "workers", "reducer": "reducers"}.get(base, base)
+
+
+def _kind_order(kind: str) -> tuple[int, str]:
+    return (KINDS.index(kind), "") if kind in KINDS else (len(KINDS), kind)
+
+
 @dataclass
 class Mark:
     """The moment a round-done event arrived, and what had happened by then."""
 
     at: float
     seconds: float  # the orchestrator's own round time (metrics.json round_seconds)
-    orchestrator_cpu: float
-    all_cpu: float  # every role and the nats-server
+    cpu: dict[str, float]  # CPU seconds so far by kind of process (KINDS)
 
 
 @dataclass
 class RunResult:
     round_s: float = math.nan
     metrics_round_s: float = math.nan
-    orchestrator_cpu_s: float = math.nan  # per timed round
-    all_cpu_s: float = math.nan
+    cpu_s: dict[str, float] = field(default_factory=dict)  # per timed round, by kind of process
     idle_rss: int = 0
     peak_rss: int = 0
     error: str = ""
@@ -261,14 +277,11 @@ async def pangea_round(cfg: Config, hidden: tuple[int, ...], dataset: Path, work
                 return
             if event.round in marks:  # a restarted orchestrator repeats rounds: keep the first
                 return
-            pids = _pids(out)
-            cpu = {name: _cpu_seconds(pid) for name, pid in pids.items()}
-            marks[event.round] = Mark(
-                time.perf_counter(),
-                event.seconds,
-                cpu.get("orchestrator", 0.0),
-                sum(cpu.values()) + _cpu_seconds(server_pid),
-            )
+            cpu = dict.fromkeys(KINDS, 0.0)
+            for name, pid in _pids(out).items():
+                cpu[kind_of(name)] = cpu.get(kind_of(name), 0.0) + _cpu_seconds(pid)
+            cpu["nats"] = _cpu_seconds(server_pid)
+            marks[event.round] = Mark(time.perf_counter(), event.seconds, cpu)
 
         bus = await Bus.connect(BusSettings(nats_url=server.url, job=job), "bench-round")
         await bus.subscribe_events(subjects.rounds(job), on_round)
@@ -334,8 +347,8 @@ async def pangea_round(cfg: Config, hidden: tuple[int, ...], dataset: Path, work
 
     result.round_s = per_round(lambda m: m.at)
     result.metrics_round_s = statistics.median(marks[r].seconds for r in timed)
-    result.orchestrator_cpu_s = per_round(lambda m: m.orchestrator_cpu)
-    result.all_cpu_s = per_round(lambda m: m.all_cpu)
+    kinds = {k for m in marks.values() for k in m.cpu}
+    result.cpu_s = {k: per_round(lambda m, k=k: m.cpu.get(k, 0.0)) for k in sorted(kinds, key=_kind_order)}
     shutil.rmtree(out, ignore_errors=True)  # params.npz alone is 4P bytes
     return result
 
@@ -438,14 +451,16 @@ def run(configs: list[Config] | None = None, rounds: int = 5, gloo_iters: int = 
                     "compute_s": compute[cfg.k, p],
                     "gloo_allreduce_s": gloo[cfg.k, p],
                     "pangea / gloo": result.round_s / gloo[cfg.k, p],
-                    "orch_cpu_s": result.orchestrator_cpu_s,
-                    "all_cpu_s": result.all_cpu_s,
+                    **{f"cpu_{k}_s": result.cpu_s.get(k, math.nan) for k in KINDS},
+                    "all_cpu_s": sum(result.cpu_s.values()) if result.cpu_s else math.nan,
                     "peak_rss_over_model": over,
                 }
             )
             print(
                 f"{name}: round {result.round_s:.3g}s, gloo {gloo[cfg.k, p]:.3g}s, "
-                f"peak RSS {over:.3g}x ({time.perf_counter() - started:.0f}s)",
+                f"peak RSS {over:.3g}x; CPU-s per round: "
+                + ", ".join(f"{k} {v:.3g}" for k, v in result.cpu_s.items())
+                + f" ({time.perf_counter() - started:.0f}s)",
                 flush=True,
             )
     finally:
@@ -492,7 +507,13 @@ def main() -> None:
     parser.add_argument("--shards", default="1", help="orchestrator shards for a custom matrix, e.g. 1,2")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per run; the first two are not timed (default 5)")
     parser.add_argument("--gloo-iters", type=int, default=5, help="timed all_reduce calls per K and P (default 5)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="a setting of every run, e.g. storage=memory"
+    )
     args = parser.parse_args()
+    for item in args.set:
+        name, _, value = item.partition("=")
+        EXTRA_ENV[f"PANGEA_{name.strip().upper()}"] = value.strip()
     configs = None
     if args.k or args.params:
         ks = [int(v) for v in (args.k or "4").split(",")]
