@@ -118,6 +118,10 @@ struct RoundPlan {
   reissue @8 :List(UInt32);  # attempt > 0: the shards to publish again (to their new worker)
   generation @9 :UInt32;  # +1 each time an orchestrator (re)starts the job: later plans win
   innerSteps @10 :UInt32; # diloco: the round covers this many global batches from (epoch, step)
+  # Published one round early, while the round before is still being reduced, so that the
+  # workers hold their batches when the parameters arrive: only the preprocessor acts on it.
+  # The round opens with the same plan again (ahead = false; its batches are not re-published).
+  ahead @11 :Bool;
 }
 
 struct Heartbeat {

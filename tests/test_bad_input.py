@@ -100,13 +100,19 @@ async def _attack(nats_url: str, job: str, numel: int, stop: asyncio.Event) -> N
     await send(subjects.batches(job, "w0"), rng.bytes(96))
     await send(subjects.plans(job), rng.bytes(96))
     await send(subjects.params(job), rng.bytes(96))
-    # About the open round: aim at the last plan while the slow worker keeps it open.
+    # About the open round: aim at the last plan (not the next round's, planned ahead) while the
+    # slow worker keeps it open.
     while not stop.is_set():
-        last = await js.get_last_msg(subjects.stream(job, "plans"), subjects.plans(job))
-        try:
-            plan = codec.decode(last.data, RoundPlan)
-        except codec.CodecError:  # our own garbage plan, until the next real one
-            plan = None
+        stored = await js.get_last_msg(subjects.stream(job, "plans"), subjects.plans(job))
+        plan = None
+        while stored is not None:
+            try:
+                plan = codec.decode(stored.data, RoundPlan)
+            except codec.CodecError:  # our own garbage plan, until the next real one
+                plan = None
+            if plan is None or not plan.ahead or stored.seq <= 1:
+                break
+            stored = await js.get_msg(subjects.stream(job, "plans"), stored.seq - 1)
         if plan and not plan.final and plan.shards:
             r, owner, size = plan.round, plan.shards[0].worker, plan.shards[0].size
             other = 1 if len(plan.shards) > 1 else 0

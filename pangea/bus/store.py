@@ -122,6 +122,12 @@ class Store:
 
         await self._retrying(f"writing {bucket}/{key}", put)
 
+    async def kv_watch(self, bucket: str):
+        """A watcher of every key of a bucket: its latest values, then each change as it is
+        written (`async for entry in watcher`; None once the latest values are through)."""
+        kv = await self.js.key_value(bucket)
+        return await kv.watchall()
+
     async def kv_items(self, bucket: str) -> dict[str, bytes]:
         """All live keys of a bucket and their values."""
 

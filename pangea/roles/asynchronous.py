@@ -113,7 +113,7 @@ class AsyncTrainer:
         self.assigned.setdefault(r, set()).add(worker)
         if why:
             o.event(r, "reassign", f"global batch {r} ({why}) -> {worker}")
-        await o.publish_plan(
+        await o.outbox.publish_plan(
             RoundPlan(
                 o.job,
                 "orchestrator",

@@ -21,6 +21,56 @@ from pangea.wire.messages import Heartbeat
 log = logging.getLogger(__name__)
 Event = Callable[[int, str, str], None]  # (round, kind, detail)
 Refuse = Callable[[Reason, str], bool]
+RESYNC_SECONDS = 5.0  # a watched bucket is listed again this often
+
+
+class MembersBucket:
+    """The members bucket as the orchestrator reads it: listed, or followed by a watch."""
+
+    def __init__(self, bus, bucket: str) -> None:
+        self.bus, self.bucket = bus, bucket
+        self._following: asyncio.Task | None = None  # `watch`: the task that follows the bucket
+        self._watcher = None
+        self._seen: dict[str, tuple[bytes, float]] = {}  # watched: key -> (latest value, when it came)
+        self._ttl = 0.0
+        self._listed = 0.0  # when the bucket was last listed
+
+    async def watch(self, ttl: float) -> None:
+        """Follow the bucket as heartbeats are written, instead of listing it for every round (a
+        listing costs a request per member: measured ~3.6 ms of a 15 ms round at K=2).
+
+        A key the server expires (`ttl` after its last write) leaves no trace in a watch, so a
+        member seen last more than `ttl` ago counts as gone here too; and the bucket is still
+        listed every RESYNC_SECONDS, so that a watch that stopped delivering costs at most that."""
+        self._ttl = ttl
+        self._watcher = await self.bus.kv_watch(self.bucket)
+        self._following = asyncio.create_task(self._follow(self._watcher))
+
+    async def _follow(self, watcher) -> None:
+        async for entry in watcher:
+            if entry is None:  # the latest values are through
+                continue
+            if entry.operation in ("DEL", "PURGE"):
+                self._seen.pop(entry.key, None)
+            else:
+                self._seen[entry.key] = (entry.value, time.monotonic())
+
+    async def close(self) -> None:
+        if self._following is not None:
+            self._following.cancel()
+            await self._watcher.stop()
+            self._following = None
+
+    async def items(self) -> dict[str, bytes]:
+        """The bucket's live keys: from the watch (listed again every RESYNC_SECONDS), or listed."""
+        now = time.monotonic()
+        if self._following is None or self._following.done() or now - self._listed > RESYNC_SECONDS:
+            items = await self.bus.kv_items(self.bucket)
+            self._listed = now
+            if self._following is not None:
+                self._seen = {key: (raw, now) for key, raw in items.items()}
+            return items
+        return {key: raw for key, (raw, seen) in self._seen.items() if now - seen < self._ttl}
 
 
 class Membership:
@@ -29,7 +79,7 @@ class Membership:
     def __init__(
         self, bus, job: str, *, heartbeat_seconds: float, overdue_beats: float, event: Event, refuse: Refuse
     ) -> None:
-        self.bus, self.job = bus, job
+        self.bucket, self.job = MembersBucket(bus, subjects.members_bucket(job)), job
         self.heartbeat_seconds = heartbeat_seconds  # a heartbeat that does not say its own period
         self.liveness = Liveness(overdue_beats)
         self.known: list[str] = []  # the members as of the last round planned (or the start)
@@ -39,11 +89,18 @@ class Membership:
         self._event, self._refuse = event, refuse
         self.round = 0  # the round in hand, for events
 
+    async def watch(self, ttl: float) -> None:
+        """Follow the members bucket as heartbeats are written (see `MembersBucket.watch`)."""
+        await self.bucket.watch(ttl)
+
+    async def close(self) -> None:
+        await self.bucket.close()
+
     async def live(self) -> list[str]:
         """Live workers, sorted by id: a key in the members bucket, which the server expires
         PANGEA_MEMBER_TTL seconds after the last heartbeat (the server's clock, not the workers').
         Their heartbeats feed `liveness`, which says who of them may be planned."""
-        items = await self.bus.kv_items(subjects.members_bucket(self.job))
+        items = await self.bucket.items()
         live = []
         now = time.monotonic()
         for worker, raw in items.items():

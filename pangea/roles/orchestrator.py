@@ -17,7 +17,6 @@ evaluation), and AsyncTrainer for `--mode async`.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, replace
@@ -35,6 +34,7 @@ from pangea.roles.gradients import GradientIntake
 from pangea.roles.inbox import Inbox
 from pangea.roles.jobspec import spec_from_settings
 from pangea.roles.membership import Membership
+from pangea.roles.outbox import Outbox
 from pangea.roles.planning import Deadlines, pick_replacements
 from pangea.roles.slices import Slices
 from pangea.settings import OrchestratorSettings
@@ -85,13 +85,14 @@ class Orchestrator:
         self.gradients: GradientIntake | None = None  # once connected: it needs the server's max payload
         self.slices = Slices(self.server.layout.numel, settings.shards)  # slice 0 ours, the rest the shards'
         self.inbox: Inbox | None = None  # once connected
-        self.demand = Demand(
+        demand = Demand(
             settings.workers,
             settings.min_workers or settings.workers,
             settings.max_workers or settings.workers,
             efficiency=settings.scale_efficiency,
             cooldown=settings.scale_cooldown,
         )
+        self.outbox = Outbox(bus, self.job, demand)  # plans, progress and the autoscaling signal out
 
     @property
     def job(self) -> str:
@@ -110,6 +111,7 @@ class Orchestrator:
             )
         await self.bus.ensure_job_streams(self.server.layout.numel * 4)
         await self.bus.kv(subjects.members_bucket(self.job), ttl=self.settings.member_ttl)
+        await self.membership.watch(self.settings.member_ttl)
         spec = spec_from_settings(
             self.settings,
             SENDER,
@@ -143,7 +145,7 @@ class Orchestrator:
             self.server.total_rounds,
             self.settings.batch_size,
         )
-        await self.publish_demand()
+        await self.outbox.publish_demand()
         return first
 
     async def restore(self) -> int:
@@ -211,6 +213,7 @@ class Orchestrator:
             else:
                 for r in range(first, self.server.total_rounds):
                     await self.train_round(r)
+            await self.outbox.reported()
             self.metrics.total_seconds = time.perf_counter() - started
             self.metrics.bytes_sent = await self.membership.bytes_sent(self.metrics.bytes_sent)
         else:
@@ -224,9 +227,9 @@ class Orchestrator:
         await self.bus.kv_put(
             subjects.job_bucket(self.job), subjects.JobKey.FINISHED, str(self.server.total_rounds).encode()
         )
-        self.demand.finished()
-        await self.publish_demand()
-        await self.publish_plan(
+        self.outbox.demand.finished()
+        await self.outbox.publish_demand()
+        await self.outbox.publish_plan(
             RoundPlan(self.job, SENDER, self.server.total_rounds, 0, 0, 0, (), final=True, generation=self.generation)
         )
         log.info(
@@ -234,16 +237,15 @@ class Orchestrator:
             ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in self.metrics.final.items()) or "no evaluation",
             self.settings.out,
         )
+        await self.membership.close()
         return self.metrics
 
-    async def train_round(self, r: int) -> None:
-        t0 = time.perf_counter()
+    def plan_round(self, r: int, members: list[str], ahead: bool = False) -> tuple[RoundPlan, list]:
+        """Round r cut over `members`: its plan, and each shard's rows of every global batch it covers."""
         n, size = self.server.num_samples, self.settings.batch_size
         covered = self.server.round_steps(r)  # global batches: one (sync) or H (diloco)
         epoch, step = position(covered[0], n, size)
-        members = await self.membership.for_round(r)
         cut = plans.cut(n, size, covered, members)  # (worker, its rows of each covered batch)
-        shards = tuple(Shard(w, *rows[0]) for w, rows in cut)
         plan = RoundPlan(
             self.job,
             SENDER,
@@ -251,17 +253,55 @@ class Orchestrator:
             epoch,
             step,
             plans.batch_rows(n, size, step),
-            shards,
+            tuple(Shard(w, *rows[0]) for w, rows in cut),
             generation=self.generation,
             inner_steps=len(covered),
+            ahead=ahead,
         )
-        await self.publish_plan(plan)
+        return plan, cut
+
+    async def open_round(self, r: int) -> tuple[RoundPlan, list, dict[int, str]]:
+        """Round r's plan, published, and the shards whose owner may no longer be planned.
+
+        Round r was planned ahead, during round r-1, over the members then (its batches are
+        with the workers already); it opens with that same plan.  A member that left or may
+        not be planned since keeps its shard only until `collect` re-issues it, at once (the
+        rows stay as planned: no sample is counted twice or lost); one that joined is planned
+        from round r+1 on.  Then round r+1 is planned ahead over today's members."""
+        members = await self.membership.for_round(r)
+        ahead, self.outbox.ahead = self.outbox.ahead, None
+        planned_ahead = ahead is not None and ahead[0].round == r
+        if planned_ahead:
+            plan, cut = replace(ahead[0], ahead=False), ahead[1]
+        else:
+            plan, cut = self.plan_round(r, members)
+        publish = [plan]
+        if r + 1 < self.server.total_rounds and self.settings.lookahead:
+            self.outbox.ahead = self.plan_round(r + 1, members, ahead=True)
+            publish.append(self.outbox.ahead[0])
+        if not planned_ahead:
+            await self.outbox.publish_plan(*publish)  # the workers wait for these batches
+        else:
+            # The workers hold this round's batches: the plans are stored while gradients come
+            # (`collect` waits for them before it re-issues anything).
+            self.outbox.plans_later(*publish)
+        unplanned = {i: s.worker for i, s in enumerate(plan.shards) if s.worker not in members}
+        return plan, cut, unplanned
+
+    async def train_round(self, r: int) -> None:
+        t0 = time.perf_counter()
+        n, size = self.server.num_samples, self.settings.batch_size
+        covered = self.server.round_steps(r)
+        epoch, step = position(covered[0], n, size)
+        plan, cut, unplanned = await self.open_round(r)
+        shards = plan.shards
         sizes = {i: sum(b - a for a, b in rows) for i, (_, rows) in enumerate(cut)}
 
         robust = self.settings.aggregator != "mean" or self.settings.clip_norm > 0
         acc = RoundAccumulator(r, self.slices.size(0), sizes, keep_rows=robust)
         self.slices.new_round(r)
-        await self.collect(plan, acc)
+        await self.collect(plan, acc, unplanned)
+        await self.outbox.plans_stored()
         if robust:
             mean = acc.robust(self.settings.aggregator, self.settings.byzantine, self.settings.clip_norm)
         elif acc.complete:
@@ -284,15 +324,16 @@ class Orchestrator:
                 f"training diverged at round {r}: the parameters are no longer finite "
                 "(lower --lr, or use a robust --aggregator if a worker may send poisoned gradients)"
             )
+        if r + 1 < self.server.total_rounds:
+            await self.publish_params(r + 1, flat=flat)
+        # Evaluated after the broadcast: the workers compute round r+1 meanwhile.
         ended = epochs_ended(covered, n, size)  # a diloco round may end several epochs
         due = evaluations_due(covered, n, size, self.settings.eval_every) or r + 1 == self.server.total_rounds
         figures = self.server.evaluate() if due else {}
-        if r + 1 < self.server.total_rounds:
-            await self.publish_params(r + 1, flat=flat)
         seconds = time.perf_counter() - t0  # plan to broadcast, evaluation included
         if not figures:  # an evaluation's time is not the workers' speed
-            self.demand.observe(r, len(shards), acc.complete_samples(), seconds)
-        self.metrics.desired_workers.append(self.demand.decision.desired)
+            self.outbox.demand.observe(r, len(shards), acc.complete_samples(), seconds)
+        self.metrics.desired_workers.append(self.outbox.demand.decision.desired)
 
         self.metrics.plans.append(self._record(r, covered, cut).to_dict())
         self.metrics.loss.append(acc.loss())
@@ -323,7 +364,6 @@ class Orchestrator:
             figure=self.server.task.headline,
             targets_per_sample=self.server.data.targets_per_sample,
         )
-        await self.publish_demand()
         telemetry.ROUNDS.inc()
         telemetry.ROUND_SECONDS.observe(seconds)
         telemetry.SAMPLES.inc(acc.complete_samples())
@@ -332,9 +372,7 @@ class Orchestrator:
         )
         telemetry.LOSS.set(acc.loss())
         telemetry.MEMBERS.set(len(self.membership.known))
-        payload = codec.encode(done)
-        await self.bus.publish_event(subjects.rounds(self.job), payload)
-        await self.bus.kv_put(subjects.job_bucket(self.job), subjects.JobKey.ROUND, payload)
+        self.outbox.report(codec.encode(done))
         if figures:
             log.info(
                 "round %d/%d (epoch %d): loss %.4f, %s",
@@ -361,10 +399,12 @@ class Orchestrator:
         workers = {**self.metrics.kernels.get("workers", {}), **self.membership.kernels}  # from before a resume too
         self.metrics.kernels = {"optimizer": kernels.current().as_dict(), "workers": dict(sorted(workers.items()))}
 
-    async def collect(self, plan: RoundPlan, acc: RoundAccumulator) -> None:
+    async def collect(self, plan: RoundPlan, acc: RoundAccumulator, unplanned: dict[int, str] | None = None) -> None:
         """Pull gradient chunks until every shard is complete, re-issuing shards of lost or slow workers.
 
-        Returns with the round incomplete only under policy quorum, at the deadline.
+        `unplanned`: shards (of a plan made a round ahead) whose owner may no longer be planned:
+        re-issued before anything else.  Returns with the round incomplete only under policy
+        quorum, at the deadline.
         """
         owners = {i: s.worker for i, s in enumerate(plan.shards)}
         self.gradients.new_round(plan)
@@ -376,6 +416,11 @@ class Orchestrator:
             started + 0.5,
             started + self.settings.round_warn_seconds,
         )
+        if unplanned:
+            await self.outbox.plans_stored()
+            await self.reissue(
+                plan, owners, unplanned, await self.membership.live(), acc, "not plannable since it was planned"
+            )
         while not (acc.complete and self.slices.complete):
             if not acc.complete:
                 delivery = await self.inbox.grads.next(timeout=0.2 if self.slices.complete else 0.05)
@@ -449,6 +494,7 @@ class Orchestrator:
         choice = pick_replacements(shards, candidates, idle, self.gradients.assigned)
         if not choice:
             return False
+        await self.outbox.plans_stored()  # a re-issue comes after the plan it changes
         self.deadline.attempt += 1
         self.gradients.late.update((plan.round, s) for s in choice)
         for shard, worker in choice.items():
@@ -456,7 +502,7 @@ class Orchestrator:
             owners[shard] = worker
             self.gradients.give(shard, worker)
         shards_now = tuple(replace(s, worker=owners[i]) for i, s in enumerate(plan.shards))
-        await self.publish_plan(
+        await self.outbox.publish_plan(
             replace(plan, shards=shards_now, attempt=self.deadline.attempt, reissue=tuple(sorted(choice)))
         )
         return True
@@ -472,21 +518,6 @@ class Orchestrator:
             )
 
     # ------------------------------------------------------------------ publishing
-
-    async def publish_demand(self) -> None:
-        """The autoscaling signal: the gauge every round, the job bucket's `desired` key when it changes."""
-        decision = self.demand.decision
-        telemetry.DESIRED.set(decision.desired)
-        telemetry.AUTOSCALE.update(job=self.job, desired=decision.desired, why=decision.why)
-        news = self.demand.news()
-        if news is not None:
-            value = json.dumps({"desired": news.desired, "why": news.why}).encode()
-            await self.bus.kv_put(subjects.job_bucket(self.job), subjects.JobKey.DESIRED, value)
-            log.info("desired workers: %d (%s)", news.desired, news.why)
-
-    async def publish_plan(self, plan: RoundPlan) -> None:
-        msg_id = f"plan:{plan.generation}:{plan.round}:{plan.attempt}:{int(plan.final)}"
-        await self.bus.publish([(subjects.plans(self.job), codec.encode(plan), msg_id)])
 
     async def publish_params(self, version: int, final: bool = False, flat: np.ndarray | None = None) -> None:
         """Broadcast the current parameters (`flat`, if already flattened) as `version`, chunked to fit the server."""

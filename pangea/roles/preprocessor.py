@@ -3,7 +3,9 @@
 For every plan of round r: global batch r (a seeded shuffle, independent of the worker
 count) is cut into the plan's shards, and shard i goes to `pangea.<job>.batches.<worker>`,
 stored in the job's batch stream (the replay log).  A re-issued plan (attempt > 0)
-publishes only the shards it moved.  For a replay, the global batches come from another
+publishes only the shards it moved.  A round is planned ahead (`ahead`: its batches go out
+while the round before is still being reduced) and then opens with the same plan, whose
+batches are already out.  For a replay, the global batches come from another
 job's stored batch stream instead of the dataset.
 """
 
@@ -69,7 +71,7 @@ class StreamSource:
         self.source = source_job
         self.pending: dict[int, dict[int, Batch]] = {}  # round -> shard start -> shard
         self.puller = None
-        self._last: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._served: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # the last rounds served, for re-issues
 
     async def global_batch(self, plan: RoundPlan) -> tuple[np.ndarray, np.ndarray]:
         if self.puller is None:
@@ -85,8 +87,8 @@ class StreamSource:
             )
             log.info("replaying the stored batches of job %s", self.source)
         r = plan.round
-        if self._last and self._last[0] == r:  # a re-issued plan of the round just served
-            return self._last[1], self._last[2]
+        if r in self._served:  # a re-issued plan of a round served (the one planned ahead may follow it)
+            return self._served[r]
         while not self._covered(r, plan.batch_size):
             delivery = await self.puller.next(timeout=_STREAM_IDLE_SECONDS)
             if delivery is None:
@@ -102,7 +104,8 @@ class StreamSource:
                 self.pending.setdefault(batch.round, {}).setdefault(batch.start, batch)
         shards = sorted(self.pending.pop(r).values(), key=lambda b: b.start)
         x, y = np.concatenate([b.x.numpy() for b in shards]), np.concatenate([b.y.numpy() for b in shards])
-        self._last = (r, x, y)
+        self._served = {k: v for k, v in self._served.items() if k >= r - 1}
+        self._served[r] = (x, y)
         return x, y
 
     def _covered(self, r: int, rows: int) -> bool:
@@ -121,6 +124,7 @@ class Preprocessor:
         self.job = settings.job
         self.rejected = 0
         self._round_starts: deque[tuple[int, int]] = deque()  # (round, first stream sequence)
+        self._ahead: deque[tuple[int, int]] = deque(maxlen=8)  # (generation, round) published ahead
 
     async def run(self) -> None:
         spec = await wait_for_job_spec(self.bus)
@@ -145,6 +149,12 @@ class Preprocessor:
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
                 log.info("final plan received after round %d: done; peak RSS %.0f MB", plan.round - 1, peak)
                 return
+            stamp = (plan.generation, plan.round)
+            if plan.ahead:
+                self._ahead.append(stamp)
+            elif plan.attempt == 0 and stamp in self._ahead:
+                await delivery.ack()  # the round opens as planned ahead: its batches are out
+                continue
             await self.publish_round(plan)
             await delivery.ack()
 

@@ -121,6 +121,8 @@ class Reducer:
         if plan.final:
             self.final = True
             return
+        if plan.ahead:  # the preprocessor's: the round opens later with the same plan
+            return
         stamp = (plan.generation, plan.round)
         if stamp < self._stamp():
             return

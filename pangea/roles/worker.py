@@ -3,10 +3,14 @@
 Joining is subscribing: the worker creates its batch consumer, reads the latest
 parameters, then announces itself with a heartbeat; the orchestrator plans it in from the
 next round.  For each batch of round r it needs parameters version r exactly: an older
-version is waited for, a newer one means the round is over and the batch is dropped.
+version is waited for, a newer one means the round is over and the batch is dropped.  Round
+r's batch usually comes while round r-1 is still being reduced (the orchestrator plans one
+round ahead), so the worker holds it when parameters r arrive.
 
 The worker is three parts: this loop (batches in, gradients out, membership), its
 `Replica` (the model and what it computes) and its `ParamsFollower` (versions in).
+Why one module of ~300 lines: the loop, its wait for parameters (which may take a re-issued
+batch first) and the three modes' ways through it are one sequence, read top to bottom.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import dataclass, field
 
 from pangea import telemetry
 from pangea.bus import subjects
@@ -37,6 +42,14 @@ def default_worker_id() -> str:
     return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
 
 
+@dataclass
+class Held:
+    """Batches a worker keeps for later, with their deliveries (acknowledged once used)."""
+
+    rounds: dict[tuple[int, int, int], dict[int, tuple[Batch, object]]] = field(default_factory=dict)  # diloco
+    later: list[tuple[Batch, object]] = field(default_factory=list)  # later rounds', come while we waited
+
+
 class Worker:
     def __init__(self, settings: WorkerSettings, bus: Bus) -> None:
         self.settings = settings
@@ -47,7 +60,7 @@ class Worker:
         self.bytes_sent = 0
         self.rejected = 0  # malformed batches (the follower counts malformed parameters)
         self.stopping = False
-        self.held: dict[tuple[int, int, int], dict[int, tuple[Batch, object]]] = {}  # diloco: a round's batches
+        self.held = Held()  # batches kept for later
 
     @property
     def job(self) -> str:
@@ -90,63 +103,106 @@ class Worker:
     async def _loop(self) -> None:
         checked = 0.0
         while not self.params.final and not self.stopping:
-            delivery = await self.batches.next(timeout=0.5)
-            if delivery is None:
-                await self._read_params(until=None, timeout=0.05)
-                # Idle: is the job over?  (Unless the parameters just said so: a bucket that does
-                # not say it yet must not undo that.)
-                if not self.params.final and time.monotonic() - checked > 1.0:
-                    checked = time.monotonic()
-                    self.params.final = (
-                        await self.bus.kv_get(subjects.job_bucket(self.job), subjects.JobKey.FINISHED) is not None
-                    )
-                continue
-            try:
-                batch = codec.decode(delivery.payload, Batch)
-                if batch.worker != self.id or batch.job != self.job:
-                    raise codec.CodecError(f"batch for {batch.job}/{batch.worker}")
-            except codec.CodecError as exc:
-                self.rejected += 1
-                log.warning("rejected (malformed): batch: %s", exc)
-                await delivery.ack()
-                continue
-            if self.spec.mode == "async":
-                await self._async_batch(batch, delivery)
-                continue
-            if self.spec.mode == "diloco":  # even a round of one local step: a pseudo-gradient
-                await self._drop_stale_held()
-                ready = self._hold(batch, delivery)
-                if ready is None:
+            if self.held.later:  # batches that came while we waited for parameters, oldest round first
+                batch, delivery = self.held.later.pop(0)
+            else:
+                delivery = await self.batches.next(timeout=0.5)
+                if delivery is None:
+                    await self._read_params(until=None, timeout=0.05)
+                    # Idle: is the job over?  (Unless the parameters just said so: a bucket that does
+                    # not say it yet must not undo that.)
+                    if not self.params.final and time.monotonic() - checked > 1.0:
+                        checked = time.monotonic()
+                        self.params.final = (
+                            await self.bus.kv_get(subjects.job_bucket(self.job), subjects.JobKey.FINISHED) is not None
+                        )
                     continue
-                batches, deliveries = ready
-            else:
-                batches, deliveries = [batch], [delivery]
-            need = (batch.generation, batch.round)
-            await self._read_params(until=need)
-            if self.stopping and self.params.stamp < need:
-                await self.batches.close()  # hands the batch back: the orchestrator re-issues it
+                batch = await self._decode(delivery)
+                if batch is None:
+                    continue
+            if not await self._handle(batch, delivery):
                 return
-            if self.params.stamp == need:
-                await self._compute_and_publish(batches, deliveries)
+
+    async def _decode(self, delivery) -> Batch | None:
+        """The delivery's batch, or None when it is malformed or not ours (refused, counted, acked)."""
+        try:
+            batch = codec.decode(delivery.payload, Batch)
+            if batch.worker != self.id or batch.job != self.job:
+                raise codec.CodecError(f"batch for {batch.job}/{batch.worker}")
+        except codec.CodecError as exc:
+            self.rejected += 1
+            log.warning("rejected (malformed): batch: %s", exc)
+            await delivery.ack()
+            return None
+        return batch
+
+    async def _handle(self, batch: Batch, delivery) -> bool:
+        """Compute one batch (a diloco round: once all its batches are here) at its parameter
+        version; False when the worker is leaving before that version came."""
+        if self.spec.mode == "async":
+            await self._async_batch(batch, delivery)
+            return True
+        if self.spec.mode == "diloco":  # even a round of one local step: a pseudo-gradient
+            await self._drop_stale_held()
+            ready = self._hold(batch, delivery)
+            if ready is None:
+                return True
+            batches, deliveries = ready
+        else:
+            batches, deliveries = [batch], [delivery]
+        need = (batch.generation, batch.round)
+        await self._await_params(need, deliveries)
+        if self.stopping and self.params.stamp < need:
+            await self.batches.close()  # hands the batch back: the orchestrator re-issues it
+            return False
+        if self.params.stamp == need:
+            await self._compute_and_publish(batches, deliveries)
+        else:
+            log.info("batch of round %s dropped: parameters are already at %s", need, self.params.stamp)
+        for held in deliveries:
+            await held.ack()
+        return True
+
+    async def _await_params(self, need: tuple[int, int], deliveries: list) -> None:
+        """Wait for parameters `need`.  A round's batches come while the round before is still
+        being reduced (it is planned ahead), so this can be a whole round; meanwhile a shard of
+        the round in hand may be re-issued to us, and the round cannot end without it: every
+        second, a batch that came is computed now if it is for the parameters we hold, and
+        kept for later if not."""
+        touched = time.monotonic()
+        while self.params.stamp < need and not self.stopping and not self.params.final:
+            until = time.monotonic() + 1.0
+            await self.params.read(need, timeout=0.5, stop=lambda t=until: self.stopping or time.monotonic() > t)
+            if self.params.stamp >= need or self.stopping or self.params.final:
+                return
+            if time.monotonic() - touched > 10.0:  # held this long: keep the server from redelivering them
+                touched = time.monotonic()
+                for held in [*deliveries, *(d for _, d in self.held.later)]:
+                    await held.in_progress()
+            delivery = await self.batches.next(timeout=0.01)
+            batch = None if delivery is None else await self._decode(delivery)
+            if batch is None:
+                continue
+            if (batch.generation, batch.round) <= self.params.stamp:
+                await self._handle(batch, delivery)
             else:
-                log.info("batch of round %s dropped: parameters are already at %s", need, self.params.stamp)
-            for held in deliveries:
-                await held.ack()
+                self.held.later.append((batch, delivery))
+                self.held.later.sort(key=lambda held: (held[0].generation, held[0].round))
 
     def _hold(self, batch: Batch, delivery) -> tuple[list[Batch], list] | None:
         """diloco: keep a round's batches until all its local steps are here; then all of them, in order."""
         key = (batch.generation, batch.round, batch.shard)
-        self.held.setdefault(key, {})[batch.inner] = (batch, delivery)
-        if len(self.held[key]) < max(1, batch.inner_steps):
+        self.held.rounds.setdefault(key, {})[batch.inner] = (batch, delivery)
+        if len(self.held.rounds[key]) < max(1, batch.inner_steps):
             return None
-        steps = self.held.pop(key)
+        steps = self.held.rounds.pop(key)
         ordered = [steps[h] for h in sorted(steps)]
         return [b for b, _ in ordered], [d for _, d in ordered]
 
     async def _drop_stale_held(self) -> None:
         """diloco: batches held for a round the parameters have moved past will never be used."""
-        for key in [k for k in self.held if k[:2] < self.params.stamp]:
-            for _, delivery in self.held.pop(key).values():
+        for key in [k for k in self.held.rounds if k[:2] < self.params.stamp]:
+            for _, delivery in self.held.rounds.pop(key).values():
                 await delivery.ack()
 
     async def _async_batch(self, batch: Batch, delivery) -> None:

@@ -173,6 +173,7 @@ class RoundPlan:
     reissue: tuple[int, ...] = ()
     generation: int = 0
     inner_steps: int = 1  # diloco: global batches (from epoch, step on) the round covers
+    ahead: bool = False  # published a round early, for the preprocessor only (see tensor.capnp)
 
 
 @dataclass(frozen=True)
