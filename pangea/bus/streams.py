@@ -12,8 +12,11 @@ from pangea.settings import BusSettings
 DUPLICATE_WINDOW = 600.0  # seconds in which a resent msg id is stored once
 
 
-def storage_type(settings: BusSettings) -> api.StorageType:
-    return api.StorageType.FILE if settings.storage == "file" else api.StorageType.MEMORY
+def storage_type(settings: BusSettings, derived: bool = False) -> api.StorageType:
+    """Where the server keeps a stream: the replay log and plans by `storage`, gradients and
+    parameters (recomputable: lost ones are re-issued) by `derived_storage`."""
+    kind = settings.derived_storage if derived else settings.storage
+    return api.StorageType.FILE if kind == "file" else api.StorageType.MEMORY
 
 
 class Streams:
@@ -26,7 +29,7 @@ class Streams:
 
     async def ensure_job_streams(self, params_bytes: int) -> None:
         """Create the job's streams (idempotent).  The params stream keeps a few versions."""
-        storage = storage_type(self.settings)
+        storage, derived = storage_type(self.settings), storage_type(self.settings, derived=True)
         job = self.job
         configs = [
             api.StreamConfig(
@@ -48,7 +51,7 @@ class Streams:
             api.StreamConfig(
                 name=subjects.stream(job, "grads"),
                 subjects=[subjects.grads(job), subjects.shard_grads(job), subjects.reduced(job)],
-                storage=storage,
+                storage=derived,
                 retention=api.RetentionPolicy.WORK_QUEUE,
                 duplicate_window=DUPLICATE_WINDOW,
                 num_replicas=self.settings.replicas,
@@ -56,7 +59,7 @@ class Streams:
             api.StreamConfig(
                 name=subjects.stream(job, "params"),
                 subjects=[subjects.params(job)],
-                storage=storage,
+                storage=derived,
                 max_bytes=max(64 << 20, 4 * (params_bytes + (params_bytes // self.chunk_bytes + 1) * 512)),
                 duplicate_window=DUPLICATE_WINDOW,
                 num_replicas=self.settings.replicas,
