@@ -9,6 +9,7 @@ import asyncio
 import signal
 
 import nats
+import pytest
 from nats.js import api
 
 from pangea.bus import subjects
@@ -74,6 +75,7 @@ def test_next_rounds_batches_are_stored_before_the_round_closes(cluster, tmp_pat
     assert len(batches) == 2 * rounds
 
 
+@pytest.mark.slow  # 28 s; joins and deaths under planning ahead are in the default run too (test_elastic)
 def test_a_member_that_leaves_after_being_planned_ahead_has_its_shard_reissued(cluster, tmp_path):
     """3 workers; w2 leaves (SIGTERM) after round 4, w3 joins after round 8.  The round planned
     ahead with w2 has its shard re-issued (rows as planned), w3 is planned from a later round
