@@ -120,7 +120,10 @@ def test_a_worker_whose_heartbeats_stop_is_left_out_until_they_resume(cluster, t
     resumed_at = cluster.wait_for_round(0)
     cluster.wait("orch", timeout=400)
     m = metrics(out)
-    assert len(_reassigned_from(m, "w2")) <= 1, m["events"]
+    # A round that waited for it re-issued its shard later; the next round, planned ahead while
+    # it still beat, re-issues its shard when it opens, before any wait (not counted).
+    waited = [e for e in _reassigned_from(m, "w2") if "(not plannable since it was planned)" not in e["detail"]]
+    assert len(waited) <= 1, m["events"]
     records = plans.read_jsonl(out / "plans.jsonl")
     with_w2 = [r.round for r in records if any("w2" in s.workers for s in r.shards)]
     assert with_w2 and with_w2[0] == 0
