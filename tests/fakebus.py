@@ -102,6 +102,9 @@ class FakeBus:
     async def pull(self, what: str, subject: str, durable: str | None, *, start_sequence: int | None = None, **_):
         return FakePuller(self, what, subject, start_sequence or 1)
 
+    async def reclaim(self, what: str, durable: str) -> int | None:
+        return None  # no consumer outlives its reader here
+
     async def last_sequence_and_payload(self, what: str, subject: str) -> tuple[int, bytes] | None:
         found = [m for m in self.streams.get(what, []) if m.subject == subject]
         return (found[-1].seq, found[-1].payload) if found else None

@@ -55,6 +55,18 @@ def test_quarantine_lasts_until_the_heartbeat_shows_progress():
     assert back and back.startswith("h is back") and live.plannable(["h"], 2.0) == ["h"]
 
 
+def test_a_restarted_worker_ends_its_quarantine_by_following_the_parameters():
+    """A SIGKILLed worker restarted under the same id counts its shards from 0 again: the newer
+    parameters it holds are progress (compared as a pair with the old count they never were, and
+    the job stalled with every worker quarantined: benchmarks/goodput.py found it)."""
+    live = Liveness()
+    live.observe("w0", beat(1.0, shards=70, version=71), now=0.0)
+    live.quarantine("w0", "missed the deadline of round 71")
+    assert live.observe("w0", beat(2.0, shards=0, version=71), now=1.0) is None  # restarted, nothing new yet
+    back = live.observe("w0", beat(3.0, shards=0, version=75), now=2.0)
+    assert back and live.plannable(["w0"], 2.0) == ["w0"]
+
+
 def test_a_member_whose_key_expired_starts_afresh():
     live = Liveness()
     live.observe("x", beat(1.0), now=0.0)

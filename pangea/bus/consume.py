@@ -185,6 +185,28 @@ class Consuming:
             return None
         return msg.seq, msg.data
 
+    async def reclaim(self, what: str, durable: str) -> int | None:
+        """Take over a durable consumer whose last reader died holding deliveries: delete it and
+        return the stream sequence to create it again from (its first unacknowledged message), so
+        those messages come at once instead of after the ack wait.  None when it does not exist or
+        holds nothing unacknowledged (it is then used as it is).
+
+        A restarted worker's previous process had fetched its next batches (the orchestrator plans
+        ahead) and died before acknowledging them: without this the restarted worker idles for
+        ACK_WAIT while its round waits for it.  Messages acknowledged beyond the ack floor come
+        again; every role drops those as duplicates."""
+        stream = subjects.stream(self.job, what)
+        try:
+            info = await self.js.consumer_info(stream, durable)
+        except nats.js.errors.NotFoundError:
+            return None
+        if not info.num_ack_pending:
+            return None
+        start = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+        await self.delete_consumer(what, durable)
+        log.info("%s: took over %d unacknowledged deliveries (from sequence %d)", durable, info.num_ack_pending, start)
+        return start
+
     async def delete_consumer(self, what: str, durable: str, job: str | None = None) -> None:
         try:
             await self.js.delete_consumer(subjects.stream(job or self.job, what), durable)

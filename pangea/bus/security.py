@@ -88,6 +88,7 @@ def role_permissions(job: str, role: str, worker: str | None = None, shard: int 
             publish += [
                 f"{API}.CONSUMER.CREATE.{stream}.{consumer}.{subject}",
                 f"{API}.CONSUMER.INFO.{stream}.{consumer}",
+                f"{API}.CONSUMER.DELETE.{stream}.{consumer}",  # a restart takes its consumer over
                 f"{API}.CONSUMER.MSG.NEXT.{stream}.{consumer}",
                 f"$JS.ACK.{stream}.{consumer}.>",
             ]

@@ -40,6 +40,14 @@ class _Member:
     baseline: tuple[int, int] = (0, 0)  # (shards_done, params_version) when quarantined
 
 
+def _progressed(beat: Beat, baseline: tuple[int, int]) -> bool:
+    """Shards done or parameters moved on since the quarantine, each counter on its own: a
+    restarted worker (same id, a new process) counts its shards from 0 again, and compared as a
+    pair with the old process's count its newer parameters would never show."""
+    shards, version = baseline
+    return beat.shards_done > shards or beat.params_version > version
+
+
 class Liveness:
     """Tracks every member's heartbeats and quarantines; says who may be planned."""
 
@@ -57,7 +65,7 @@ class Liveness:
         if beat.sent_at != member.beat.sent_at:
             member.seen = now
         member.beat = beat
-        if member.quarantine and (beat.shards_done, beat.params_version) > member.baseline:
+        if member.quarantine and _progressed(beat, member.baseline):
             why, member.quarantine = member.quarantine, None
             return f"{worker} is back (shards done {beat.shards_done}, parameters {beat.params_version}) after: {why}"
         return None

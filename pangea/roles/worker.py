@@ -78,8 +78,13 @@ class Worker:
         spec = await wait_for_job_spec(self.bus)
         self.replica = Replica(spec, self.settings, pick_device(self.settings.device))
         self.params = ParamsFollower(self.bus, self.replica.layout.hash, self.replica.layout.numel, self.replica.load)
+        durable = subjects.worker_consumer(self.id)
         self.batches = await self.bus.pull(
-            "batches", subjects.batches(self.job, self.id), durable=subjects.worker_consumer(self.id), batch=4
+            "batches",
+            subjects.batches(self.job, self.id),
+            durable=durable,
+            start_sequence=await self.bus.reclaim("batches", durable),  # a restart: what the last one held
+            batch=4,
         )
         await self.params.subscribe(f"params-{self.id}", inactive_threshold=self.settings.member_ttl * 360)
         heartbeat = asyncio.create_task(self._heartbeat())
