@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,7 +56,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _GRACE_SECONDS = 30.0
+# A role that dies MAX_RESTARTS times within RESTART_WINDOW seconds is crash-looping (a bad
+# setting, a broken node): the run stops and says so.  One killed now and then (preemption, OOM
+# kills, the goodput benchmark's SIGKILL every 15 s) is restarted each time, as a compose
+# restart policy or a Kubernetes Deployment restarts it.
 MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
 # How a role authenticates: with --secure, what the supervisor issues replaces all of them.
 _AUTH_FIELDS = {"nats_token", "nats_user", "nats_password", "nats_nkey_seed", "nats_creds"}
 
@@ -69,6 +74,12 @@ class Child:
     log_path: Path
     env: dict[str, str]
     restarts: int = 0
+    recent: deque = field(default_factory=deque)  # monotonic times of the restarts in the window
+
+    def may_restart(self, now: float) -> bool:
+        while self.recent and now - self.recent[0] > RESTART_WINDOW:
+            self.recent.popleft()
+        return len(self.recent) < MAX_RESTARTS
 
     def how_it_ended(self) -> str:
         code = self.proc.returncode
@@ -161,6 +172,7 @@ class Supervisor:
     def restart(self, child: Child) -> None:
         """Start a dead role again, as a compose restart policy or a Kubernetes Deployment would."""
         child.restarts += 1
+        child.recent.append(time.monotonic())
         child.proc = self._start(child.role, child.env, child.log_path)
         self._write_pids()
 
@@ -286,7 +298,7 @@ class Supervisor:
             self.spawn(f"worker-{i}", "worker", {**worker_env, "PANGEA_WORKER_ID": f"w{i}", **self._login(f"w{i}")})
         observer = {"nats_url": url, "job": self.job}
         if self.issued:
-            observer.update({field: None for field in _AUTH_FIELDS}, **self.issued.logins["observer"])
+            observer.update({name: None for name in _AUTH_FIELDS}, **self.issued.logins["observer"])
         bus = await Bus.connect(self.settings.model_copy(update=observer), "supervisor")
         try:
             with self._progress() as progress:
@@ -330,21 +342,24 @@ class Supervisor:
         )
 
     def _check_alive(self) -> None:
-        """Restart a role that died (its state is on the bus); give up after a few tries.
+        """Restart a role that died (its state is on the bus); give up when it crash-loops.
 
         A restarted orchestrator resumes from the job's last checkpoint.
         """
         for child in self.children:
             if child.proc.poll() is None or child.proc.returncode == 0:
                 continue
-            if child.proc.returncode != EXIT_USER_ERROR and child.restarts < MAX_RESTARTS:
+            if child.proc.returncode != EXIT_USER_ERROR and child.may_restart(time.monotonic()):
                 self.console.print(f"[yellow]role {child.name} {child.how_it_ended()}: restarting it[/]")
                 if child.role == "orchestrator":
                     child.env = {**child.env, "PANGEA_RESUME": "true"}
                 self.restart(child)
                 continue
             self._report(child)
-            raise RoleDied(f"{child.name} {child.how_it_ended()}")
+            loop = (
+                f" ({MAX_RESTARTS} restarts within {RESTART_WINDOW:.0f} s)" if len(child.recent) >= MAX_RESTARTS else ""
+            )
+            raise RoleDied(f"{child.name} {child.how_it_ended()}{loop}")
 
     def _report(self, child: Child) -> None:
         self.console.print(f"[red]role {child.name} {child.how_it_ended()}[/] (log: {child.log_path})")
