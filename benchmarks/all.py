@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from benchmarks import codec, lab, latency, pipe, train
+from benchmarks import codec, goodput, lab, latency, pipe, tokens, train
 from benchmarks import round as round_  # the module, not the builtin
 from benchmarks.common import RESULTS, machine, record
 
@@ -33,6 +33,14 @@ BENCHMARKS = {
     "train": (
         train.run,
         "time and gradient bytes to 0.97 test accuracy on digits, Pangea vs torch DDP (gloo), same K and batches",
+    ),
+    "tokens": (
+        tokens.run,
+        "language-model tokens/s of `pangea run` vs torch DDP (gloo), same K, batches and initial weights",
+    ),
+    "goodput": (
+        goodput.run,
+        "time to target with a worker SIGKILLed every 15 s: `pangea run` vs torchrun --max-restarts (restart-all from checkpoints)",
     ),
     "lab": (
         lab.run,
@@ -55,6 +63,10 @@ def _goals(name: str, rows: list[dict]) -> list[str]:
         return round_.goals(rows)
     if name == "train":
         return [train.goal_line(rows)]
+    if name == "tokens":
+        return [tokens.goal_line(rows)]
+    if name == "goodput":
+        return [goodput.goal_line(rows)]
     if name == "latency":
         return [latency.goal_line(rows)]
     if name == "lab":

@@ -1,10 +1,20 @@
 """One rank of torch DDP (gloo) training what a Pangea sync job trains, stopping at a target.
 
-    python -m benchmarks.ddp_rank CONFIG.json RANK
+    python -m benchmarks.ddp_rank CONFIG.json RANK                      # benchmarks.lab, benchmarks.tokens
+    torchrun --standalone --nproc-per-node K --max-restarts N -m benchmarks.ddp_rank CONFIG.json
 
 Started by benchmarks/lab.py on a lab host, one rank per worker host, so gloo's ring runs over
-the same links Pangea's workers use.  CONFIG holds the TrainSettings fields, the world size, the
-rendezvous address, the interface gloo binds to, the target and where rank 0 writes its result.
+the same links Pangea's workers use; by benchmarks/tokens.py on loopback; by benchmarks/goodput.py
+under torchrun, which restarts every rank when one dies.  CONFIG holds the TrainSettings fields,
+the world size, the rendezvous address (absent under torchrun: its environment has it), the
+interface gloo binds to, the target and where rank 0 writes its result.
+
+With `checkpoint` (a directory) in CONFIG, rank 0 stores the model, the optimizer, the next step,
+and the evaluations so far after each evaluation (each epoch's end, every `eval_every` steps; with
+`"checkpoint_every": "epoch"` only at each epoch's end), and a (re)started rank resumes from it: what torchrun's restart-all does with a job that checkpoints.
+The clock then counts from the first start (rank 0 writes its wall time to `clock` there), so the
+evaluations' seconds include every restart; each rank writes its pid to `rank<R>.pid` there for
+whoever kills it.
 
 The same computation as Pangea's sync rounds: the model of `pangea.train.models.build_model` with the
 seed, global batch g of the data set's own order cut into the shards `pangea.train.plans.cut` gives K
@@ -25,8 +35,9 @@ from datetime import timedelta
 from pathlib import Path
 
 
-def main(config_path: str, rank: int) -> None:
+def main(config_path: str, rank: int | None) -> None:
     config = json.loads(Path(config_path).read_text())
+    rank = int(os.environ["RANK"]) if rank is None else rank  # torchrun sets RANK
     os.environ["GLOO_SOCKET_IFNAME"] = config["ifname"]  # the host's link, never another interface
     import torch
     import torch.distributed as dist
@@ -42,13 +53,17 @@ def main(config_path: str, rank: int) -> None:
     settings = TrainSettings(**config["train"])
     k, target = config["world"], config["target"]
     torch.set_num_threads(config["threads"])
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://{config['master']}:{config['port']}",
-        rank=rank,
-        world_size=k,
-        timeout=timedelta(seconds=600),
-    )
+    timeout = timedelta(seconds=600)
+    if "master" in config:
+        rendezvous = f"tcp://{config['master']}:{config['port']}"
+        dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=k, timeout=timeout)
+    else:
+        dist.init_process_group("gloo", store=_attempt_store(k, timeout), rank=rank, world_size=k, timeout=timeout)
+    checkpoint = Path(config["checkpoint"]) if config.get("checkpoint") else None
+    per_epoch = config.get("checkpoint_every", "evaluation") == "epoch"
+    if checkpoint:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        (checkpoint / f"rank{rank}.pid").write_text(str(os.getpid()))
     task = get_task(settings.task)
     data = load_data(
         settings.task,
@@ -66,9 +81,15 @@ def main(config_path: str, rank: int) -> None:
     names = [str(i) for i in range(k)]
     evaluations: list[tuple[float, dict]] = []
     stop = torch.zeros(1)
+    first = 0
+    if checkpoint and (checkpoint / "state.pt").exists():
+        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        first, evaluations = state["step"], state["evaluations"]
     dist.barrier()
-    start = time.perf_counter()
-    for g in range(steps):
+    start = time.perf_counter() - _since_first_start(checkpoint) if checkpoint and rank == 0 else time.perf_counter()
+    for g in range(first, steps):
         shards = dict(plans.cut(n, size, range(g, g + 1), names))
         a, b = shards.get(str(rank), ((0, 0),))[0]
         for group in optimizer.param_groups:
@@ -90,9 +111,13 @@ def main(config_path: str, rank: int) -> None:
                 figures = task.evaluate(model, data)
                 evaluations.append((time.perf_counter() - start, {"step": g + 1, **figures}))
                 stop[0] = float(_met(figures, target))
+                if checkpoint and not per_epoch:
+                    _store(checkpoint, model, optimizer, g + 1, evaluations)
             dist.broadcast(stop, src=0)
             if stop[0]:
                 break
+        if checkpoint and per_epoch and rank == 0 and (g + 1) % steps_per_epoch(n, size) == 0:
+            _store(checkpoint, model, optimizer, g + 1, evaluations)
     if rank == 0:
         result = {
             "evaluations": evaluations,
@@ -104,6 +129,37 @@ def main(config_path: str, rank: int) -> None:
     dist.destroy_process_group()
 
 
+def _attempt_store(world: int, timeout: timedelta):
+    """torchrun's agent store under a prefix of its own per restart.  The agent keeps one store
+    for the whole job, and plain env:// reads the previous attempt's gloo addresses from it: on
+    this torch (2.13) a restarted group then fails with "connectFullMesh ... Connection refused"
+    (and restarts again) or hangs in ProcessGroupGloo for the whole timeout."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def _since_first_start(where: Path) -> float:
+    """Seconds since the first start's barrier: its wall time is in `clock`, written then."""
+    clock = where / "clock"
+    if not clock.exists():
+        clock.write_text(repr(time.time()))
+        return 0.0
+    return time.time() - float(clock.read_text())
+
+
+def _store(where: Path, model, optimizer, step: int, evaluations: list) -> None:
+    """The state a restarted rank resumes from, replaced atomically (a kill may land mid-write)."""
+    import torch
+
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "evaluations": evaluations}
+    torch.save(state, where / "state.tmp")
+    os.replace(where / "state.tmp", where / "state.pt")
+
+
 def _met(figures: dict, target: dict) -> bool:
     value = figures.get(target["figure"])
     if value is None:
@@ -112,4 +168,4 @@ def _met(figures: dict, target: dict) -> bool:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)

@@ -360,7 +360,7 @@ def run(
     rows = []
     with tempfile.TemporaryDirectory(prefix="pangea-bench-lab-") as tmp:
         for workload in workloads or [MLP, LM]:
-            workload = _with_corpus(workload, Path(tmp))
+            workload = with_corpus(workload, Path(tmp))
             for rate in links:
                 ddp_seconds = None
                 for side in sides:
@@ -386,7 +386,7 @@ def run(
     return rows
 
 
-def _with_corpus(workload: Workload, tmp: Path) -> Workload:
+def with_corpus(workload: Workload, tmp: Path) -> Workload:
     """The LM's corpus: this Python's standard library as one .txt (offline), made once per run."""
     if workload.train.get("dataset") != "{corpus}":
         return workload

@@ -29,3 +29,32 @@ def test_latency_once():
     (row,) = latency_benchmark.run(runs=1, trips=30)
     assert row["bare_two_hops_s"] > 0 and row["pangea_round_s"] > 0, row
     assert math.isfinite(row["pangea / two hops"]), row
+
+
+@pytest.mark.slow
+def test_tokens_once():
+    """One short run of each side: positive tokens/s, and the two trained the same thing."""
+    from benchmarks import tokens
+
+    (row,) = tokens.run(runs=1, steps=25)
+    assert row["notes"] == "-", row
+    for key in ("pangea tokens/s", "ddp tokens/s", "pangea/ddp"):
+        assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (key, row)
+    assert row["max |bits/byte diff|"] <= 1e-3, row  # sync rounds compute what DDP computes
+
+
+@pytest.mark.slow
+def test_goodput_kills_on_both_sides_and_both_reach_the_target():
+    """A kill every 6 s to an easy target (3.6 bits/byte, ~75 steps): both sides lose workers
+    (Pangea's supervisor restarts them, torchrun restarts every rank from a checkpoint) and still
+    get there."""
+    from benchmarks import goodput
+    from benchmarks.lab import LM, Workload
+
+    easy = Workload(**{**LM.__dict__, "target": 3.6, "timeout": 300})
+    rows = goodput.run(easy, every=6)
+    assert [r["side"] for r in rows] == ["ddp torchrun restart-all, checkpoint every evaluation", "pangea run"]
+    for r in rows:
+        assert isinstance(r["time to target s"], float) and r["time to target s"] > 0, r
+        assert r["kills"] >= 1, r
+    assert isinstance(rows[1]["/ ddp"], float) and math.isfinite(rows[1]["/ ddp"]), rows
