@@ -114,7 +114,7 @@ class HealthServer:
 
     def advertise(self, path: Path) -> None:
         """Write this server's address and instance to `path` (atomically), for `pangea.probe`."""
-        write_health_file(path, {"url": self.url, "instance": self.instance})
+        write_json_file(path, {"url": self.url, "instance": self.instance})
 
     def set_ready(self, ready: bool) -> None:
         self.ready = ready
@@ -125,8 +125,9 @@ class HealthServer:
         self._httpd.server_close()
 
 
-def write_health_file(path: Path, record: dict) -> None:
-    """The record `python -m pangea.probe` reads; {"url": null} says the server is off."""
+def write_json_file(path: Path, record: dict) -> None:
+    """Write `record` so that a reader never sees half of it: the health record `python -m pangea.probe`
+    reads ({"url": null} says the server is off), and `pangea run`'s pids.json and ports.json."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")

@@ -70,7 +70,7 @@ def health_server(settings: cfg.BusSettings):
 
 
 def host_role(name: str, settings, build) -> int:
-    from pangea.telemetry import write_health_file
+    from pangea.telemetry import write_json_file
 
     holder: list = []
     health = health_server(settings)
@@ -79,7 +79,7 @@ def host_role(name: str, settings, build) -> int:
             if health:
                 health.advertise(settings.health_file)
             else:
-                write_health_file(settings.health_file, {"url": None})
+                write_json_file(settings.health_file, {"url": None})
         except OSError as exc:
             raise cfg.SettingsError(f"cannot write PANGEA_HEALTH_FILE={settings.health_file}: {exc.strerror}") from None
 

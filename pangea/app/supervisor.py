@@ -47,6 +47,7 @@ from pangea.lifetime import die_with_parent
 from pangea.roles.checkpoints import stored_rounds
 from pangea.roles.jobspec import settings_from_spec
 from pangea.settings import ReplaySettings, RunSettings
+from pangea.telemetry import write_json_file
 from pangea.train import kernels
 from pangea.wire import codec
 from pangea.wire.messages import JobSpec, RoundDone
@@ -165,9 +166,8 @@ class Supervisor:
 
     def _write_pids(self) -> None:
         """For operators and fault tests: which pid is which role, and its health/metrics port."""
-        (self.out / "pids.json").write_text(json.dumps({c.name: c.proc.pid for c in self.children}))
-        ports = {c.name: int(c.env.get("PANGEA_HTTP_PORT", 0)) for c in self.children}
-        (self.out / "ports.json").write_text(json.dumps(ports))
+        write_json_file(self.out / "pids.json", {c.name: c.proc.pid for c in self.children})
+        write_json_file(self.out / "ports.json", {c.name: int(c.env.get("PANGEA_HTTP_PORT", 0)) for c in self.children})
 
     def restart(self, child: Child) -> None:
         """Start a dead role again, as a compose restart policy or a Kubernetes Deployment would."""
