@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pangea.errors import Rejected
+from pangea.train import aggregate
 from pangea.train.aggregate import RoundAccumulator, split_batch
 from pangea.wire import chunking
 from pangea.wire.messages import Chunk
@@ -50,6 +51,26 @@ def test_mean_is_the_sample_weighted_mean_in_any_order(trial):
     assert mean.dtype == np.float32 and mean.shape == (numel,)
     np.testing.assert_allclose(mean, expected, rtol=0, atol=1e-6)
     assert acc.loss() == pytest.approx(np.average(list(losses.values()), weights=list(sizes.values())), abs=1e-12)
+
+
+@pytest.mark.parametrize("numel", [1, 2, 3, 7, 8, 9, 64, 65])
+def test_the_mean_is_the_float64_sum_cast_once_in_its_own_memory(monkeypatch, numel):
+    """mean() converts to float32 inside the sum's memory, a block at a time (blocks of 4 here, so
+    every boundary case of the overlap is crossed): bit for bit `(sum / n).astype(float32)`."""
+    monkeypatch.setattr(aggregate, "_DOWNCAST_ELEMENTS", 4)
+    rng = np.random.default_rng([SEED, numel])
+    sizes = {0: 3, 1: 5, 2: 2}
+    grads = _shard_gradients(rng, numel, sizes)
+    acc = RoundAccumulator(0, numel, sizes)
+    for s, g in grads.items():
+        acc.add(s, sizes[s], 1.0, Chunk(0, 1, 0, numel), g)
+    expected = (sum(grads[s].astype(np.float64) * sizes[s] for s in sizes) / 10).astype(np.float32)
+    mean = acc.mean()
+    assert mean.dtype == np.float32 and mean.shape == (numel,) and mean.flags.c_contiguous and mean.flags.writeable
+    assert np.array_equal(mean, expected)
+    assert mean.base is not None and mean.base.nbytes == 8 * ((numel + 1) // 2)  # the float32 half only
+    with pytest.raises(RuntimeError, match="already taken"):
+        acc.mean()
 
 
 def test_equal_sizes_give_the_plain_mean():

@@ -318,6 +318,7 @@ class Orchestrator:
             )
 
         self.server.step(self.slices.join(mean), r)
+        del mean  # its memory goes back before the flat copy below exists: the peak is the float64 sum
         flat = self.server.layout.flatten_params(self.server.model)
         if not np.isfinite(flat.sum(dtype=np.float64)):  # one pass; NaN/Inf anywhere makes the sum so
             raise Diverged(

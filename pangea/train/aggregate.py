@@ -69,15 +69,15 @@ class RoundAccumulator:
         return not self.missing()
 
     def mean(self) -> np.ndarray:
-        """The sample-weighted mean gradient, float32.  Once per round: the float64 sum is
-        divided in place and released, so no second float64 vector exists at the peak."""
+        """The sample-weighted mean gradient, float32.  Once per round, in the float64 sum's own
+        memory: no second vector exists at the peak (see `_downcast_in_place`)."""
         if not self.complete:
             raise RuntimeError(f"round {self.round} is missing shards {self.missing()}")
         if self._sum is None:
             raise RuntimeError(f"the mean of round {self.round} was already taken")
         total, self._sum = self._sum, None
         np.divide(total, self.total_samples, out=total)
-        return total.astype(np.float32)
+        return _downcast_in_place(total)
 
     def loss(self) -> float:
         """The sample-weighted mean of the shards' mean losses (over the shards heard from)."""
@@ -112,6 +112,27 @@ class RoundAccumulator:
         out = np.zeros(self.numel, dtype=np.float64)
         np.divide(self._sum, weights, out=out, where=weights > 0)
         return out.astype(np.float32)
+
+
+_DOWNCAST_ELEMENTS = 1 << 20  # elements per step of the in-place float64 -> float32 conversion
+
+
+def _downcast_in_place(values: np.ndarray) -> np.ndarray:
+    """`values` (float64, owning its memory) as float32, in that memory, which is then shrunk to
+    half: the same result as `values.astype(np.float32)` without a model-sized float32 copy next to
+    the float64 one (the orchestrator's peak memory is the float64 sum plus this copy otherwise).
+
+    Element i goes to bytes [4i, 4i+4), front to back, a block at a time: a block's float32 slots
+    overlap only float64 elements already converted, except in the first block, which numpy's
+    assignment copies first since source and destination overlap.  `values` must not be used after."""
+    n = values.shape[0]
+    slots = values.view(np.float32)
+    for start in range(0, n, _DOWNCAST_ELEMENTS):
+        stop = min(n, start + _DOWNCAST_ELEMENTS)
+        slots[start:stop] = values[start:stop]
+    del slots  # no view may outlive the resize: realloc may move the memory
+    values.resize((n + 1) // 2, refcheck=False)  # realloc to the float32 half: the back half goes back to the OS
+    return values.view(np.float32)[:n]
 
 
 def split_batch(batch_size: int, workers: list[str]) -> list[tuple[str, int, int]]:

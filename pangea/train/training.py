@@ -68,6 +68,9 @@ def apply_mean(
     if settings.clip_grad > 0:
         nn.utils.clip_grad_norm_(layout.params(model), settings.clip_grad)
     optimizer.step()
+    # The gradients are views of `mean`: dropped, so that its memory goes back as soon as the
+    # caller drops it, before the parameters are flattened for the broadcast.
+    model.zero_grad(set_to_none=True)
 
 
 def total_rounds(settings: TrainSettings, data) -> int:
