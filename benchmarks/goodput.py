@@ -132,29 +132,39 @@ def pangea_side(workload: Workload, every: float, workdir: Path) -> Outcome:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    outcome = Outcome()
-    deadline = time.monotonic() + workload.timeout
+
+    def reached() -> bool:
+        return any(workload.met(f) for _, f in sides.pangea_evaluations(out))
+
+    outcome = Outcome(note=_watch(proc, log, killer, lambda: _started(out), reached, workload.timeout, "pangea run"))
+    outcome.evaluations = sides.pangea_evaluations(out)
+    outcome.kills, outcome.missed = killer.kills, killer.missed
+    return outcome
+
+
+def _watch(proc: subprocess.Popen, log, killer: Killer, started, reached, timeout: float, name: str) -> str:
+    """Kill on the schedule (from `started()` on) until `reached()`, the process's end or the
+    timeout; then stop the process and close its log.  The outcome's note ("" when all went well)."""
+    deadline = time.monotonic() + timeout
+    note = ""
     try:
         while True:
-            evaluations = sides.pangea_evaluations(out)
-            if killer.start is None and _started(out):
+            if killer.start is None and started():
                 killer.start = time.monotonic()
-            if any(workload.met(f) for _, f in evaluations):
+            if reached():
                 break
             if proc.poll() is not None:
-                outcome.note = f"pangea run exited {proc.returncode}" if proc.returncode else ""
+                note = f"{name} exited {proc.returncode}" if proc.returncode else ""
                 break
             if time.monotonic() > deadline:
-                outcome.note = f"stopped after {workload.timeout:.0f} s"
+                note = f"stopped after {timeout:.0f} s"
                 break
             killer.poll()
             time.sleep(POLL)
     finally:
         _stop(proc)
         log.close()
-    outcome.evaluations = sides.pangea_evaluations(out)
-    outcome.kills, outcome.missed = killer.kills, killer.missed
-    return outcome
+    return note
 
 
 def _started(out: Path) -> bool:
@@ -193,22 +203,9 @@ def ddp_side(workload: Workload, every: float, workdir: Path, checkpoint_every: 
     proc = subprocess.Popen(
         command, env=sides.ddp_env(), cwd=sides.REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    outcome = Outcome()
-    deadline = time.monotonic() + workload.timeout
-    try:
-        while proc.poll() is None:
-            if killer.start is None and (checkpoint / "clock").exists():
-                killer.start = time.monotonic()
-            if time.monotonic() > deadline:
-                outcome.note = f"stopped after {workload.timeout:.0f} s"
-                break
-            killer.poll()
-            time.sleep(POLL)
-        if proc.returncode:
-            outcome.note = f"torchrun exited {proc.returncode}"
-    finally:
-        _stop(proc)
-        log.close()
+    started = (checkpoint / "clock").exists
+    # The ranks stop themselves at the target: torchrun's exit is the end.
+    outcome = Outcome(note=_watch(proc, log, killer, started, lambda: False, workload.timeout, "torchrun"))
     outcome.evaluations = sides.ddp_evaluations(workdir)
     outcome.kills, outcome.missed = killer.kills, killer.missed
     return outcome

@@ -125,6 +125,7 @@ def _logged(log: Path, *needles: str, timeout: float = 60) -> bool:
     return False
 
 
+@pytest.mark.slow  # moved out of the default run to keep it near 10 minutes; .ci/run runs it
 def test_nkey_users_per_role_are_exact_and_a_worker_key_cannot_act_for_others(job, tmp_path):
     """NKey users per role on a server that holds public keys only; w0's key forging parameters,
     plans or w1's batches, or a worker posing as w1 with w0's key: permission violations."""

@@ -21,7 +21,7 @@ from tests.yardstick import assert_exact, assert_verified, reference
 @pytest.mark.parametrize(
     ("workers", "optimizer", "lr"),
     [
-        (1, "sgd", 0.05),
+        pytest.param(1, "sgd", 0.05, marks=pytest.mark.slow),  # one worker: also test_exactness's whole-batch loop
         pytest.param(3, "sgd", 0.05, marks=pytest.mark.slow),
         pytest.param(1, "adam", 0.002, marks=pytest.mark.slow),
         (3, "adam", 0.002),

@@ -113,6 +113,7 @@ def _with_threads(kernels: dict, threads: int) -> dict:
     return {"kernels": {**kernels, "workers": workers}}
 
 
+@pytest.mark.slow  # moved out of the default run to keep it near 10 minutes; .ci/run runs it
 def test_runs_on_other_kernels_are_not_compared(tmp_path):
     one = reference(tmp_path / "one", workers=2, torch_threads=1, epochs=1)
     two = reference(tmp_path / "two", workers=2, torch_threads=2, epochs=1)
@@ -204,7 +205,8 @@ def wine(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("mode", ["sync-adam", pytest.param("diloco", marks=pytest.mark.slow)])
+@pytest.mark.slow  # both modes: out of the default run to keep it near 10 minutes; .ci/run runs them
+@pytest.mark.parametrize("mode", ["sync-adam", "diloco"])
 def test_pinned_threads_make_a_run_equal_its_reference_on_held_out_data(nats_url, job, tmp_path, wine, mode):
     """K=2 on wine.npz, both sides on one torch thread per shard: ≤ 1e-6 from `pangea reference
     --workers 2`; how far the whole-batch loop ends is printed, not asserted (it depends on the CPU)."""

@@ -60,6 +60,7 @@ def test_diloco_run_equals_diloco_reference(nats_url, job, tmp_path, workers, lo
     assert set(run["bytes_sent"]) == {f"w{i}" for i in range(workers)} and all(run["bytes_sent"].values())
 
 
+@pytest.mark.slow  # moved out of the default run to keep it near 10 minutes; .ci/run runs it
 def test_diloco_reference_with_one_local_step_and_sgd_is_plain_sgd(tmp_path):
     """A check of the reference itself: H=1, inner SGD, outer lr 1 without momentum is sync SGD
     with the inner learning rate (the pseudo-gradient is lr times the gradient)."""

@@ -10,6 +10,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from pangea.bus.server import EmbeddedServer, free_port
 from tests.helpers import pangea_cmd, role_env, run_pangea
 from tests.yardstick import reference
@@ -103,6 +105,7 @@ def test_metrics_advance_during_a_run(nats_url, job, tmp_path):
     assert any("round" in e for e in lines), "a log line about a round carries the round number"
 
 
+@pytest.mark.slow  # moved out of the default run to keep it near 10 minutes; .ci/run runs it
 def test_plot_writes_a_png(tmp_path):
     """`pangea plot` reads any run's metrics.json: the reference's is the quickest to make."""
     out = reference(tmp_path / "run", epochs=2)

@@ -68,6 +68,7 @@ def test_per_role_users_and_permissions(job, tmp_path):
         assert not any(p in text for p in passwords), f"a password leaked into {path.name}"
 
 
+@pytest.mark.slow  # moved out of the default run to keep it near 10 minutes; .ci/run runs it
 def test_pangea_run_secure(tmp_path):
     out = tmp_path / "run"
     result = run_pangea("run", "--secure", "--epochs", "1", "--out", str(out), env=role_env(), cwd=tmp_path)
