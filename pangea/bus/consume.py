@@ -19,7 +19,7 @@ from pangea.settings import BusSettings
 log = logging.getLogger(__name__)
 
 ACK_WAIT = 30.0  # an unacknowledged delivery comes back after this long
-_FETCH_BYTES = 32 << 20  # most bytes one pull may ask for
+_FETCH_BYTES = 8 << 20  # most bytes one pull may ask for
 _CONSUMER_CHECK_SECONDS = 10.0  # after this long without messages, check the consumer still exists
 
 
