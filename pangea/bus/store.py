@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import BinaryIO
 
 import nats.errors
 import nats.js.errors
@@ -35,11 +36,14 @@ class Store:
                     raise BusError(f"{what} failed: {exc!r}") from None
                 log.debug("%s: %r; retrying", what, exc)
 
-    async def put_object(self, bucket: str, name: str, data: bytes) -> None:
-        """Store a blob in an Object Store bucket (created if needed), replacing the old one."""
+    async def put_object(self, bucket: str, name: str, data: bytes | BinaryIO) -> None:
+        """Store a blob (bytes, or a seekable binary file read from its start) in an Object Store
+        bucket (created if needed), replacing the old one."""
 
         async def put() -> None:
             store = await self._object_store(bucket)
+            if not isinstance(data, bytes):
+                data.seek(0)  # each try, and each name the same file is stored under, reads it all
             await store.put(name, data)
 
         await self._retrying(f"storing {bucket}/{name}", put)

@@ -3,6 +3,8 @@ from) and `round-<n>` (the last few, for replays from a round).  The names are p
 
 from __future__ import annotations
 
+import tempfile
+
 from pangea.bus import subjects
 from pangea.errors import JobError
 from pangea.train.checkpoint import Checkpoint
@@ -23,10 +25,15 @@ class CheckpointStore:
         self.bus, self.job, self.keep = bus, job, keep
 
     async def save(self, ckpt: Checkpoint) -> None:
-        """Store `ckpt` as the latest and as `round-<n>`; keep only the last `keep` of those."""
-        bucket, data = subjects.checkpoint_bucket(self.job), ckpt.to_bytes()
-        await self.bus.put_object(bucket, LATEST, data)
-        await self.bus.put_object(bucket, f"{_ROUND}{ckpt.round}", data)
+        """Store `ckpt` as the latest and as `round-<n>`; keep only the last `keep` of those.
+
+        Serialised into a temporary file and streamed from it: the orchestrator's memory holds
+        no serialised copy (that copy was its peak: parameters and optimizer state again)."""
+        bucket = subjects.checkpoint_bucket(self.job)
+        with tempfile.TemporaryFile(prefix="pangea-checkpoint-") as file:
+            ckpt.write(file)
+            await self.bus.put_object(bucket, LATEST, file)
+            await self.bus.put_object(bucket, f"{_ROUND}{ckpt.round}", file)
         kept = stored_rounds(await self.bus.list_objects(bucket))
         for old in kept[: max(0, len(kept) - self.keep)]:
             await self.bus.delete_object(bucket, f"{_ROUND}{old}")

@@ -179,14 +179,14 @@ class Orchestrator:
             self.metrics.rejected[reason] = self.metrics.rejected.get(reason, 0) + n
         return ckpt
 
-    async def checkpoint(self, rounds_done: int) -> None:
-        """Store parameters, optimizer state, round and metrics (the latest, and the last
-        PANGEA_CHECKPOINT_KEEP per round, for replays)."""
+    async def checkpoint(self, rounds_done: int, flat: np.ndarray | None = None) -> None:
+        """Store parameters (`flat`, if already flattened: no second copy), optimizer state, round
+        and metrics (the latest, and the last PANGEA_CHECKPOINT_KEEP per round, for replays)."""
         self._record_kernels()
         await self.checkpoints.save(
             Checkpoint(
                 rounds_done,
-                self.server.layout.flatten_params(self.server.model),
+                self.server.layout.flatten_params(self.server.model) if flat is None else flat,
                 self.server.optimizer.state_dict(),
                 asdict(self.metrics),
                 self.server.layout.hash,
@@ -346,7 +346,7 @@ class Orchestrator:
             self.metrics.add_evaluation(r, figures, ended)
         every = self.settings.checkpoint_every
         if every and (r + 1) % every == 0 and r + 1 < self.server.total_rounds:
-            await self.checkpoint(r + 1)  # after the broadcast: a successor redoes at most this round
+            await self.checkpoint(r + 1, flat)  # after the broadcast: a successor redoes at most this round
         excluded = self.membership.excluded()
         done = RoundDone(
             self.job,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -23,8 +24,9 @@ class Checkpoint:
     metrics: dict
     layout_hash: str
 
-    def to_bytes(self) -> bytes:
-        buffer = io.BytesIO()
+    def write(self, file: BinaryIO) -> None:
+        """Serialise into `file` (the orchestrator gives a temporary file: in memory, the bytes
+        would be a second model-sized copy of the parameters and optimizer state)."""
         torch.save(
             {
                 "format": FORMAT,
@@ -34,8 +36,12 @@ class Checkpoint:
                 "metrics": self.metrics,
                 "layout_hash": self.layout_hash,
             },
-            buffer,
+            file,
         )
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        self.write(buffer)
         return buffer.getvalue()
 
     @classmethod
