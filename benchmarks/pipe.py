@@ -48,10 +48,10 @@ async def core_pipe(url: str, size: int, count: int, in_flight: int = 32 << 20) 
 
 async def pangea_pipe(url: str, size: int, count: int) -> float:
     """GB/s through Pangea's bus: acknowledged JetStream publishes, read by a pull consumer."""
-    settings = BusSettings(nats_url=url, job="bench", storage="memory")
+    settings = BusSettings(nats_url=url, job="bench", storage="memory", chunk_bytes=size)
     pub, sub = await Bus.connect(settings, "pub"), await Bus.connect(settings, "sub")
     await pub.ensure_job_streams(1 << 20)
-    puller = await sub.pull("grads", "pangea.bench.grads", durable="bench", batch=64)
+    puller = await sub.pull("grads", "pangea.bench.grads", durable="bench", batch=64, chunked=True)
     payload = bytes(size)
 
     async def consume() -> None:

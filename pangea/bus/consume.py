@@ -14,6 +14,7 @@ from nats.js import JetStreamContext, api
 from pangea import telemetry
 from pangea.bus import frames, subjects
 from pangea.bus.errors import BusError
+from pangea.bus.publish import PAYLOAD_HEADROOM
 from pangea.settings import BusSettings
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class Consuming:
     job: str
     js: JetStreamContext
     max_payload: int
+    chunk_bytes: int
 
     async def pull(
         self,
@@ -149,10 +151,14 @@ class Consuming:
         job: str | None = None,
         inactive_threshold: float | None = None,
         headers_only: bool = False,
+        chunked: bool = False,
     ) -> Puller:
         """A pull consumer on the `what` stream of this job (or of `job`) filtered to `subject`.
 
         An ephemeral consumer (no durable name) goes away 10 minutes after its last pull.
+        `chunked`: its messages are tensor chunks (gradients, parameters) of at most
+        `chunk_bytes`, so a fetch may ask for more of them than of messages of the max payload
+        (a process sending larger chunks than this one's setting makes fetches larger).
         """
         config = api.ConsumerConfig(
             ack_policy=api.AckPolicy.EXPLICIT,
@@ -173,8 +179,11 @@ class Consuming:
         )
         # One fetch must stay well under the server's per-client max_pending (64 MB by default):
         # beyond it the server cuts the connection as a slow consumer and the fetched messages
-        # come back only after the ack wait (measured: 64 x 1 MB fetches stalled 30 s).
-        batch = max(1, min(batch, _FETCH_BYTES // self.max_payload))
+        # come back only after the ack wait (measured: 64 x 1 MB fetches stalled 30 s; and with
+        # 32 MB fetches, a CPU-starved reader whose fetch timed out before it read the socket
+        # asked again, and two 32 MB pulls were cut).
+        largest = self.chunk_bytes + PAYLOAD_HEADROOM if chunked else self.max_payload
+        batch = max(1, min(batch, _FETCH_BYTES // largest))
         return Puller(sub, batch, subject)
 
     async def last_sequence_and_payload(self, what: str, subject: str) -> tuple[int, bytes] | None:

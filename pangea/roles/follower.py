@@ -54,7 +54,13 @@ class ParamsFollower:
         # Durable (so it is replicated with the stream and survives losing a cluster node),
         # removed by the server once the worker is gone for a while.
         self.consumer = await self.bus.pull(
-            "params", subject, durable=durable, start_sequence=start, batch=256, inactive_threshold=inactive_threshold
+            "params",
+            subject,
+            durable=durable,
+            start_sequence=start,
+            batch=256,
+            inactive_threshold=inactive_threshold,
+            chunked=True,
         )
 
     async def read(self, until: Stamp | None, timeout: float = 1.0, stop: Callable[[], bool] = lambda: False) -> None:

@@ -16,8 +16,10 @@ class Inbox:
     @classmethod
     async def open(cls, bus: Bus, sliced: bool) -> Inbox:
         job = bus.job
-        grads = await bus.pull("grads", subjects.grads(job), durable="orchestrator", batch=256)
+        grads = await bus.pull("grads", subjects.grads(job), durable="orchestrator", batch=256, chunked=True)
         reduced = None
         if sliced:
-            reduced = await bus.pull("grads", subjects.reduced(job), durable="orchestrator-reduced", batch=256)
+            reduced = await bus.pull(
+                "grads", subjects.reduced(job), durable="orchestrator-reduced", batch=256, chunked=True
+            )
         return cls(grads, reduced)

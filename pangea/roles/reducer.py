@@ -80,7 +80,9 @@ class Reducer:
         self.gradients = GradientIntake(self.job, spec.compression, self.bus.max_payload, self._reject)
         durable = self.name
         self.plans = await self.bus.pull("plans", subjects.plans(self.job), durable=durable, batch=16)
-        self.grads = await self.bus.pull("grads", subjects.grads(self.job, self.shard), durable=durable, batch=256)
+        self.grads = await self.bus.pull(
+            "grads", subjects.grads(self.job, self.shard), durable=durable, batch=256, chunked=True
+        )
         log.info("orchestrator shard %d of job %s: averaging parameters [%d, %d)", self.shard, self.job, *self.span)
         while not self.final:
             delivery = await self.grads.next(timeout=0.2)
