@@ -50,3 +50,30 @@ def test_a_restarted_reader_gets_what_the_dead_one_held_at_once(nats_url, job):
             await bus.close()
 
     asyncio.run(main())
+
+
+def test_one_fetch_stays_under_the_servers_max_pending(nats_url, job):
+    """A pull asks for at most 8 MB (beyond ~64 MB in flight nats-server cuts a reader as a slow
+    consumer, and what it held comes back only after the ack wait): counted in messages of the
+    server's max payload, or, for tensor chunks, of `chunk_bytes` (a batch per pull, not one)."""
+
+    async def main() -> None:
+        bus = await Bus.connect(BusSettings(nats_url=nats_url, job=job, chunk_bytes=64 << 10), "test")
+        try:
+            await bus.ensure_job_streams(params_bytes=1 << 20)
+            # Two subjects: the gradient stream is a work queue, one consumer per subject.
+            one, two = subjects.grads(job), subjects.grads(job, 1)
+            await bus.publish([(s, bytes(60 << 10), f"{s}-{i}") for s in (one, two) for i in range(40)])
+            plain = await bus.pull("grads", one, durable="plain", batch=32)
+            chunks = await bus.pull("grads", two, durable="chunks", batch=32, chunked=True)
+            for puller in (plain, chunks):
+                assert await puller.next(timeout=5) is not None
+            fetched_plain, fetched_chunks = 1 + len(plain._buffer), 1 + len(chunks._buffer)
+            assert fetched_plain == max(1, min(32, (8 << 20) // bus.max_payload))
+            assert fetched_chunks == 32  # 8 MB holds 120 chunks of 64 KB: the batch is the bound
+            assert fetched_plain * bus.max_payload <= 8 << 20 or fetched_plain == 1
+        finally:
+            await bus.delete_job()
+            await bus.close()
+
+    asyncio.run(main())
