@@ -3,11 +3,16 @@ from) and `round-<n>` (the last few, for replays from a round).  The names are p
 
 from __future__ import annotations
 
+import io
+import logging
 import tempfile
+from typing import BinaryIO
 
 from pangea.bus import subjects
 from pangea.errors import JobError
 from pangea.train.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 _ROUND = "round-"
@@ -16,6 +21,23 @@ _ROUND = "round-"
 def stored_rounds(names: list[str]) -> list[int]:
     """The rounds of the `round-<n>` checkpoints among an Object Store bucket's names, in order."""
     return sorted(int(name[len(_ROUND) :]) for name in names if name.startswith(_ROUND))
+
+
+def _serialised(ckpt: Checkpoint) -> BinaryIO:
+    """`ckpt` in a temporary file; in memory when no temporary file can be written (a read-only or
+    full $TMPDIR): a checkpoint is never skipped for want of local disk."""
+    file = None
+    try:
+        file = tempfile.TemporaryFile(prefix="pangea-checkpoint-")
+        ckpt.write(file)
+        return file
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        if file is not None:
+            file.close()
+        log.warning("checkpoint of round %d serialised in memory: no temporary file (%s)", ckpt.round, exc)
+        buffer = io.BytesIO()
+        ckpt.write(buffer)
+        return buffer
 
 
 class CheckpointStore:
@@ -30,8 +52,7 @@ class CheckpointStore:
         Serialised into a temporary file and streamed from it: the orchestrator's memory holds
         no serialised copy (that copy was its peak: parameters and optimizer state again)."""
         bucket = subjects.checkpoint_bucket(self.job)
-        with tempfile.TemporaryFile(prefix="pangea-checkpoint-") as file:
-            ckpt.write(file)
+        with _serialised(ckpt) as file:
             await self.bus.put_object(bucket, LATEST, file)
             await self.bus.put_object(bucket, f"{_ROUND}{ckpt.round}", file)
         kept = stored_rounds(await self.bus.list_objects(bucket))
