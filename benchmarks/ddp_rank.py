@@ -87,6 +87,8 @@ def main(config_path: str, rank: int | None) -> None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         first, evaluations = state["step"], state["evaluations"]
+        if evaluations and _met(evaluations[-1][1], target):
+            first = steps  # killed between meeting the target and stopping: nothing is left to do
     dist.barrier()
     start = time.perf_counter() - _since_first_start(checkpoint) if checkpoint and rank == 0 else time.perf_counter()
     for g in range(first, steps):

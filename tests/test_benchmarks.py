@@ -44,15 +44,17 @@ def test_tokens_once():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two sides of up to 240 s each, with start-up
 def test_goodput_kills_on_both_sides_and_both_reach_the_target():
-    """A kill every 6 s to an easy target (3.6 bits/byte, ~75 steps): both sides lose workers
+    """A kill every 10 s to an easy target (3.6 bits/byte, ~75 steps): both sides lose workers
     (Pangea's supervisor restarts them, torchrun restarts every rank from a checkpoint) and still
-    get there."""
+    get there.  Not every 6 s: torchrun's restart of all ranks takes 3-4 s on 2 idle cores and more
+    under load, and at 6 s DDP never reached its first evaluation (49 kills in 300 s, in a fresh-clone CI run)."""
     from benchmarks import goodput
     from benchmarks.lab import LM, Workload
 
-    easy = Workload(**{**LM.__dict__, "target": 3.6, "timeout": 300})
-    rows = goodput.run(easy, every=6)
+    easy = Workload(**{**LM.__dict__, "target": 3.6, "timeout": 240})
+    rows = goodput.run(easy, every=10)
     assert [r["side"] for r in rows] == ["ddp torchrun restart-all, checkpoint every evaluation", "pangea run"]
     for r in rows:
         assert isinstance(r["time to target s"], float) and r["time to target s"] > 0, r
