@@ -1,12 +1,15 @@
-"""Shared by the benchmarks: timing, the machine description, and the results file."""
+"""Shared by the benchmarks: timing, the machine description, the results file, and the clock
+that reads evaluations off an orchestrator's log."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import re
 import statistics
 import time
+from datetime import datetime
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,3 +43,36 @@ def record(name: str, rows: list[dict]) -> None:
 
 def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+_STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) "
+# The orchestrator's evaluation lines: a sync or diloco round's ("round 22/220 (epoch 1): loss 0.97,
+# test accuracy 0.86, test loss 0.60"), and an async epoch's ("epoch 1 done (22/220 global batches,
+# version 21): test_accuracy 0.8600").
+_ROUND = re.compile(_STAMP + r".*: round (\d+)/\d+ \(epoch \d+\): loss [-0-9.naif]+, (.*)$", re.M)
+_ASYNC_EPOCH = re.compile(_STAMP + r".*: epoch \d+ done \((\d+)/\d+ global batches, version \d+\): (.*)$", re.M)
+
+
+def log_clock(text: str) -> list[tuple[float, dict]]:
+    """(seconds since "starting at round 0", figures) of each evaluation line of an orchestrator log,
+    in time order; the figures carry the round (global batches, for async) it followed as `round`,
+    their names with underscores (`test_accuracy`)."""
+    start = re.search(_STAMP + r".*starting at round 0\b", text, re.M)
+    if not start:
+        return []
+    t0 = _when(start.group(1))
+    out = []
+    for stamp, round_, figures in sorted(_ROUND.findall(text) + _ASYNC_EPOCH.findall(text)):
+        values = {"round": int(round_)}
+        for item in figures.split(", "):
+            name, _, value = item.rpartition(" ")
+            try:
+                values[name.replace(" ", "_")] = float(value)
+            except ValueError:
+                continue
+        out.append(((_when(stamp) - t0).total_seconds(), values))
+    return out
+
+
+def _when(stamp: str) -> datetime:
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")

@@ -43,10 +43,9 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
-from benchmarks.common import record
+from benchmarks.common import log_clock, record
 
 K = 4
 LINKS = ("1gbit", "50mbit")
@@ -204,34 +203,6 @@ def pangea_settings(workload: Workload, side: Side) -> dict:
         settings["inner_lr"] = side.settings.get("inner_lr", workload.train["lr"])
         settings["warmup_steps"] = 0
     return settings
-
-
-_STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) "
-_EVALUATION = re.compile(_STAMP + r".*: round (\d+)/\d+ \(epoch \d+\): loss [-0-9.naif]+, (.*)$", re.M)
-
-
-def log_clock(text: str) -> list[tuple[float, dict]]:
-    """(seconds since "starting at round 0", figures) of each evaluation line of an orchestrator log;
-    the figures carry the round the evaluation followed as `round`."""
-    start = re.search(_STAMP + r".*starting at round 0\b", text, re.M)
-    if not start:
-        return []
-    t0 = _when(start.group(1))
-    out = []
-    for stamp, round_, figures in _EVALUATION.findall(text):
-        values = {"round": int(round_)}
-        for item in figures.split(", "):
-            name, _, value = item.rpartition(" ")
-            try:
-                values[name.replace(" ", "_")] = float(value)
-            except ValueError:
-                continue
-        out.append(((_when(stamp) - t0).total_seconds(), values))
-    return out
-
-
-def _when(stamp: str) -> datetime:
-    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")
 
 
 # ---------------------------------------------------------------- DDP on the lab

@@ -11,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.lab import Workload, log_clock
+from benchmarks.common import log_clock
+from benchmarks.lab import Workload
 
 REPO = Path(__file__).resolve().parent.parent
 

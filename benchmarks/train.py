@@ -9,8 +9,9 @@ What is timed, the same on both sides: the training loop from its first step, on
 process is up (process and server start-up excluded), to the end of the first test evaluation
 that reaches the target; the per-epoch evaluations (by Pangea's orchestrator; by DDP's rank 0
 while the other ranks wait at the next all-reduce) are inside it. Pangea's clock is its
-orchestrator log: "starting at round 0" to the "epoch ... done ... test accuracy A" line
-(millisecond timestamps; that line comes after the evaluation and the next parameter broadcast).
+orchestrator log: "starting at round 0" to the evaluation line that gives test accuracy A
+(`benchmarks.common.log_clock`; millisecond timestamps; a sync round's line comes after the
+evaluation and the next parameter broadcast).
 Without those lines, `total_seconds * e / epochs` from metrics.json stands in ("pro-rated"; it
 also counts the wait for the workers to join). A diloco round may end several epochs: one
 evaluation, after the whole round, then stands for all of them.
@@ -53,12 +54,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import record
+from benchmarks.common import log_clock, record
 
 TARGET = 0.97
 RUN_TIMEOUT = 900  # seconds one `pangea run` may take before the row is marked failed
@@ -224,7 +225,10 @@ def pangea_train(config: Config, out: Path) -> Outcome | str:
         return f"pangea run exited {done.returncode}: {' / '.join(tail)}"
     metrics = json.loads(metrics_path.read_text())
     accuracy = metrics.get("test_accuracy") or []
-    evaluations, clock = _log_clock(out / "logs" / "orchestrator.log"), "log"
+    log = out / "logs" / "orchestrator.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    evaluations = [(t, f["test_accuracy"]) for t, f in log_clock(text) if "test_accuracy" in f]
+    clock = "log"
     if not evaluations:
         total = metrics.get("total_seconds") or math.nan
         evaluations = [(total * (e + 1) / len(accuracy), a) for e, a in enumerate(accuracy) if a is not None]
@@ -242,25 +246,6 @@ def _total(bytes_sent) -> float | None:
     if isinstance(bytes_sent, dict):
         return float(sum(bytes_sent.values())) if bytes_sent else None
     return float(bytes_sent) if isinstance(bytes_sent, int | float) else None
-
-
-_STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) "
-
-
-def _log_clock(path: Path) -> list[tuple[float, float]]:
-    """(seconds since "starting at round 0", test accuracy) of each "epoch ... done" line of the
-    orchestrator log: one line per evaluation, also when a diloco round ends several epochs."""
-    text = path.read_text(errors="replace") if path.exists() else ""
-    start = re.search(_STAMP + r".*starting at round 0\b", text, re.M)
-    if not start:
-        return []
-    t0 = _when(start.group(1))
-    lines = re.findall(_STAMP + r".*\bepoch \d+ done\b.*test accuracy ([0-9.]+)", text, re.M)
-    return [((_when(t) - t0).total_seconds(), float(a)) for t, a in lines]
-
-
-def _when(stamp: str) -> datetime:
-    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")
 
 
 # ---------------------------------------------------------------- DDP: torch.distributed, gloo
@@ -416,8 +401,27 @@ def _max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float | str
     return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
 
-def run(configs: list[Config] | None = None, target: float = TARGET, only: str | None = None) -> list[dict]:
-    """Time every configuration that this Pangea supports; one row each."""
+def median_run(outcomes: list[Outcome | str], target: float) -> Outcome | str:
+    """The run whose time to the target is the median (a failed or unreached run counts as the
+    slowest); with an even count, the slower of the middle two."""
+
+    def key(outcome) -> float:
+        seconds = outcome.seconds_to(target) if isinstance(outcome, Outcome) else None
+        return math.inf if seconds is None else seconds
+
+    return sorted(outcomes, key=key)[len(outcomes) // 2]
+
+
+def _seconds_each(outcomes: list[Outcome | str], target: float) -> str:
+    each = [o.seconds_to(target) if isinstance(o, Outcome) else None for o in outcomes]
+    return ", ".join("-" if s is None else f"{s:.2f}" for s in each)
+
+
+def run(
+    configs: list[Config] | None = None, target: float = TARGET, only: str | None = None, runs: int = 3
+) -> list[dict]:
+    """Time every configuration that this Pangea supports: `runs` runs of each side, interleaved
+    (Pangea, DDP, Pangea, ...); one row each, of the median runs."""
     configs = [c for c in (configs or CONFIGS) if not only or only in c.label]
     available = run_flags() if any(c.flags() for c in configs) else set()
     if available and "--mode" not in available:
@@ -429,25 +433,35 @@ def run(configs: list[Config] | None = None, target: float = TARGET, only: str |
             if missing:
                 print(f"skip {config.label}: pangea run lacks {', '.join(missing)}")
                 continue
-            print(f"== {config.label}: pangea run ...", flush=True)
-            t0 = time.perf_counter()
-            pangea = pangea_train(config, Path(tmp, f"pangea-{i}"))
-            print(f"   ({time.perf_counter() - t0:.0f}s with start-up)", flush=True)
-            if config.ddp_key() not in ddp_done:
-                print(f"== {config.label}: DDP gloo ...", flush=True)
+            pangeas = []
+            ddps = ddp_done.setdefault(config.ddp_key(), [])
+            for j in range(runs):
+                print(f"== {config.label}: pangea run ({j + 1}/{runs}) ...", flush=True)
                 t0 = time.perf_counter()
-                ddp_done[config.ddp_key()] = ddp_train(config, Path(tmp, f"ddp-{i}"))
+                pangeas.append(pangea_train(config, Path(tmp, f"pangea-{i}-{j}")))
                 print(f"   ({time.perf_counter() - t0:.0f}s with start-up)", flush=True)
-            ddp = ddp_done[config.ddp_key()]
+                if len(ddps) < runs:  # a DDP run serves every row of the same model and batches
+                    print(f"== {config.label}: DDP gloo ({j + 1}/{runs}) ...", flush=True)
+                    t0 = time.perf_counter()
+                    ddps.append(ddp_train(config, Path(tmp, f"ddp-{i}-{j}")))
+                    print(f"   ({time.perf_counter() - t0:.0f}s with start-up)", flush=True)
+            pangea, ddp = median_run(pangeas, target), median_run(ddps, target)
             for name, outcome in (("pangea", pangea), ("ddp", ddp)):
                 if isinstance(outcome, str):
                     print(f"   {name}: {outcome}")
                 else:
                     print(
-                        f"   {name}: accuracy per epoch {[round(a, 3) for a in outcome.accuracy]}; "
+                        f"   {name} (median run): accuracy per epoch {[round(a, 3) for a in outcome.accuracy]}; "
                         f"(seconds, accuracy) per evaluation {[(round(s, 1), round(a, 4)) for s, a in outcome.evaluations]}"
                     )
-            rows.append(row(config, pangea, ddp, target))
+            rows.append(
+                {
+                    **row(config, pangea, ddp, target),
+                    "runs": runs,
+                    "pangea s each": _seconds_each(pangeas, target),
+                    "ddp s each": _seconds_each(ddps, target),
+                }
+            )
     return rows
 
 
@@ -465,11 +479,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 epoch of the small MLP, target 0.5: plumbing only")
     parser.add_argument("--only", help="run only the rows whose label contains this text")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each side per row, interleaved (default 3)")
     args = parser.parse_args()
     target = QUICK_TARGET if args.quick else TARGET
     load = os.getloadavg()[0]
     started = time.perf_counter()
-    rows = run(QUICK if args.quick else CONFIGS, target, args.only)
+    rows = run(QUICK if args.quick else CONFIGS, target, args.only, 1 if args.quick else args.runs)
     print(
         f"target test accuracy {target}; load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end "
         f"(2 cores shared: wall times move with it); {time.perf_counter() - started:.0f}s in all"

@@ -1,4 +1,4 @@
-"""The lab benchmark: its clock reads the orchestrator's log, its notes name the first side, and
+"""The benchmarks' clock reads the orchestrator's log; the lab benchmark: its notes name the first side, and
 (slow) its quick rows run on the lab with sane numbers.  What it measures is never asserted."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import lab as bench
+from benchmarks.common import log_clock
 from tests.netlab import unavailable
 
 LOG = """\
@@ -14,14 +15,19 @@ LOG = """\
 2026-12-02 00:35:56,500 INFO    [orchestrator] pangea.roles.orchestrator: round 22/220 (epoch 1): loss 0.9685, test accuracy 0.8597, test loss 0.5964
 2026-12-02 00:35:58,250 INFO    [orchestrator] pangea.roles.orchestrator: round 44/220 (epoch 2): loss nan, bits per byte 2.9000
 """
+ASYNC_LOG = """\
+2026-12-02 00:35:54,000 INFO    [orchestrator] pangea.roles.orchestrator: starting at round 0 with 2 workers: w0, w1
+2026-12-02 00:35:55,125 INFO    [orchestrator] pangea.roles.asynchronous: epoch 1 done (23/230 global batches, version 22): test_accuracy 0.8200
+"""
 
 
 def test_the_clock_reads_every_evaluation_of_the_orchestrator_log():
-    assert bench.log_clock(LOG) == [
+    assert log_clock(LOG) == [
         (2.5, {"round": 22, "test_accuracy": 0.8597, "test_loss": 0.5964}),
         (4.25, {"round": 44, "bits_per_byte": 2.9}),
     ]
-    assert bench.log_clock("no start line") == []
+    assert log_clock(ASYNC_LOG) == [(1.125, {"round": 23, "test_accuracy": 0.82})]
+    assert log_clock("no start line") == []
 
 
 def test_diloco_rows_run_their_inner_steps_at_the_workloads_rate_without_outer_warmup():
