@@ -9,7 +9,7 @@ import pytest
 
 from pangea.train.outputs import load_params, max_abs_diff
 from tests.cluster import metrics
-from tests.helpers import role_env, run_pangea
+from tests.helpers import role_env, run_pangea, wait_for_log
 from tests.yardstick import TOLERANCE, assert_verified
 
 
@@ -48,6 +48,24 @@ def test_worker_killed_then_new_worker_joins(cluster, tmp_path):
     assert ("join", "joined:") in kinds and "joined: w3" in log
     assert metrics(out)["workers"][-1] == 3  # w0, w1, w3 at the end
     assert sum(metrics(out)["samples"]) == 2 * 1348  # every sample once per epoch
+
+
+@pytest.mark.slow  # ~30 s; every run's start goes through the same wait
+def test_a_new_job_starts_once_its_preprocessor_has_its_data(cluster, tmp_path):
+    """Workers ready and no preprocessor: the orchestrator waits, and says so, without planning
+    round 0 (whose time and deadline would count the preprocessor's start-up); then it runs exactly."""
+    out = tmp_path / "run"
+    for i in range(2):
+        cluster.worker(f"w{i}")
+    cluster.start("orch", "orchestrator", "--workers", "2", "--out", str(out), "--epochs", "1", "--seed", "5")
+    wait_for_log(tmp_path / "orch.log", "waiting for the preprocessor")
+    assert "starting at round 0" not in cluster.log("orch")
+    assert not (out / "plans.jsonl").exists() or not (out / "plans.jsonl").read_text().strip()
+    cluster.start("pre", "preprocessor")
+    cluster.wait("orch")
+    assert "starting at round 0 with 2 workers" in cluster.log("orch")
+    assert_verified(out)
+    assert sum(metrics(out)["samples"]) == 1348  # every sample once
 
 
 @pytest.mark.parametrize("policy", ["exact", pytest.param("quorum", marks=pytest.mark.slow)])

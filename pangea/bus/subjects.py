@@ -72,6 +72,7 @@ class JobKey:
     ROUND = "round"  # the last RoundDone
     FINISHED = "finished"  # set (to the round count) once the job is over
     DESIRED = "desired"  # the autoscaling signal: {"desired": workers, "why": ...}
+    PREPROCESSOR = "preprocessor"  # set (to "host:pid") once a preprocessor has its data and reads the plans
 
 
 def checkpoint_bucket(job: str) -> str:

@@ -4,6 +4,9 @@ and turned back into settings by a replay.
 One field list: every `JobSpec` field that is also a setting is carried under its own name, so a
 replay trains with every setting of its job; the few fields whose form differs on the wire are
 converted in one place each (`hidden`, `vocab`, `source_job`).
+
+The job bucket is also where a new job's roles wait for each other: every role for the spec,
+the orchestrator for a preprocessor that serves it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import socket
 import time
 
 from pangea.bus import subjects
@@ -59,5 +64,26 @@ async def wait_for_job_spec(bus: Bus, poll: float = 0.2) -> JobSpec:
             return codec.decode(raw, JobSpec)
         if time.monotonic() - announced > 5:
             log.info("waiting for job %r: no orchestrator has created it yet", bus.job)
+            announced = time.monotonic()
+        await asyncio.sleep(poll)
+
+
+async def announce_preprocessor(bus: Bus) -> None:
+    """Say in the job bucket that a preprocessor has its data loaded and reads the plans."""
+    await bus.kv_put(
+        subjects.job_bucket(bus.job), subjects.JobKey.PREPROCESSOR, f"{socket.gethostname()}:{os.getpid()}".encode()
+    )
+
+
+async def wait_for_preprocessor(bus: Bus, poll: float = 0.1) -> None:
+    """Wait (saying so every few seconds) until a preprocessor has announced itself.
+
+    A new job's first round waits for it: planned earlier, that round would wait for its batches
+    while the preprocessor loads its data, and its time and deadline would count that start-up
+    (measured: round 0 took 1.0 s instead of ~20 ms, on digits, 2 cores)."""
+    announced = time.monotonic()
+    while await bus.kv_get(subjects.job_bucket(bus.job), subjects.JobKey.PREPROCESSOR) is None:
+        if time.monotonic() - announced > 5:
+            log.info("waiting for the preprocessor of job %r: none has loaded its data yet", bus.job)
             announced = time.monotonic()
         await asyncio.sleep(poll)

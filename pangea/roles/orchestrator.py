@@ -32,7 +32,7 @@ from pangea.roles.checkpoints import CheckpointStore
 from pangea.roles.demand import Demand
 from pangea.roles.gradients import GradientIntake
 from pangea.roles.inbox import Inbox
-from pangea.roles.jobspec import spec_from_settings
+from pangea.roles.jobspec import spec_from_settings, wait_for_preprocessor
 from pangea.roles.membership import Membership
 from pangea.roles.outbox import Outbox
 from pangea.roles.planning import Deadlines, pick_replacements
@@ -202,9 +202,12 @@ class Orchestrator:
             # Parameters first: a worker is ready (may be planned) once it holds them, so
             # its start-up never counts against the first round's deadline.  A new job (a
             # replay from a round included: its workers start with it) waits for --workers;
-            # a successor resuming mid-run takes over with whoever is there.
+            # a successor resuming mid-run takes over with whoever is there.  A new job also
+            # waits for its preprocessor to have its data, for the same reason.
             await self.publish_params(first)
             fresh = first == 0 or self.generation == 0
+            if fresh:
+                await wait_for_preprocessor(self.bus)
             members = await self.membership.wait(self.settings.workers if fresh else 1)
             log.info("starting at round %d with %d workers: %s", first, len(members), ", ".join(members))
             self.membership.known = members

@@ -20,7 +20,7 @@ import numpy as np
 from pangea.bus import subjects
 from pangea.bus.client import Bus
 from pangea.errors import DataError
-from pangea.roles.jobspec import wait_for_job_spec
+from pangea.roles.jobspec import announce_preprocessor, wait_for_job_spec
 from pangea.settings import PreprocessorSettings
 from pangea.train.data import steps_per_epoch
 from pangea.train.plans import batch_rows, shard_rows
@@ -133,6 +133,7 @@ class Preprocessor:
         else:
             self.source = DatasetSource(spec, self.settings.dataset or spec.dataset)
         plans = await self.bus.pull("plans", subjects.plans(self.job), durable=SENDER, batch=16)
+        await announce_preprocessor(self.bus)  # a new job's first round waits for this
         while True:
             delivery = await plans.next(timeout=1.0)
             if delivery is None:
