@@ -37,6 +37,7 @@ class Bus(Streams, Store, Consuming, Publishing):
         self.js = js
         self.connected = nc is not None
         self.closing = False
+        self._kv_handles = {}  # Store: bucket -> KV handle
 
     @classmethod
     async def connect(cls, settings: BusSettings, name: str) -> Bus:

@@ -24,6 +24,7 @@ class Store:
     job: str
     js: JetStreamContext
     closing: bool
+    _kv_handles: dict  # bucket -> nats-py KeyValue (`_kv_handle`)
 
     async def _retrying(self, what: str, operation):
         """Run `operation()` again while the connection is down (server restart), within the budget."""
@@ -110,9 +111,11 @@ class Store:
 
         async def get() -> bytes | None:
             try:
-                kv = await self.js.key_value(bucket)
-                return (await kv.get(key)).value
-            except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError, nats.js.errors.NotFoundError):
+                return (await (await self._kv_handle(bucket)).get(key)).value
+            except nats.js.errors.KeyNotFoundError:
+                return None
+            except nats.js.errors.NotFoundError:  # the bucket (BucketNotFoundError is one)
+                self._kv_handles.pop(bucket, None)
                 return None
 
         return await self._retrying(f"reading {bucket}/{key}", get)
@@ -121,10 +124,20 @@ class Store:
         """Set a KV value (the bucket must exist)."""
 
         async def put() -> None:
-            kv = await self.js.key_value(bucket)
-            await kv.put(key, value)
+            try:
+                await (await self._kv_handle(bucket)).put(key, value)
+            except (TimeoutError, nats.errors.Error):
+                self._kv_handles.pop(bucket, None)  # looked up again next time: it may be gone
+                raise
 
         await self._retrying(f"writing {bucket}/{key}", put)
+
+    async def _kv_handle(self, bucket: str):
+        """The bucket's KV handle, looked up once: each lookup is a stream-info request (measured:
+        a round's progress write was two requests, and their JSON ~5% of the orchestrator's CPU)."""
+        if bucket not in self._kv_handles:
+            self._kv_handles[bucket] = await self.js.key_value(bucket)
+        return self._kv_handles[bucket]
 
     async def kv_watch(self, bucket: str):
         """A watcher of every key of a bucket: its latest values, then each change as it is

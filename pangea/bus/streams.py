@@ -26,6 +26,7 @@ class Streams:
     job: str
     js: JetStreamContext
     chunk_bytes: int
+    _kv_handles: dict  # Store's, dropped with the buckets
 
     async def ensure_job_streams(self, params_bytes: int) -> None:
         """Create the job's streams (idempotent).  The params stream keeps a few versions."""
@@ -102,6 +103,7 @@ class Streams:
             except nats.js.errors.NotFoundError:
                 pass
         for bucket in (subjects.members_bucket(self.job), subjects.job_bucket(self.job)):
+            self._kv_handles.pop(bucket, None)
             try:
                 await self.js.delete_key_value(bucket)
             except nats.js.errors.NotFoundError:
