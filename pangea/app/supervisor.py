@@ -199,7 +199,12 @@ class Supervisor:
                 self.settings = asyncio.run(self._replay_settings(url))
                 self.validate()
             self.console.print(f"[bold]pangea[/] job [cyan]{self.job}[/] on {url} -> {self.out}")
-            return asyncio.run(self._supervise(url))
+            try:
+                return asyncio.run(self._supervise(url))
+            except asyncio.CancelledError:  # SIGTERM while supervising (see `_supervise`)
+                raise Terminated() from None
+            finally:
+                signal.signal(signal.SIGTERM, _raise_terminated)  # the loop's handler went with it
         except RoleDied:
             return 1
         except (KeyboardInterrupt, Terminated):
@@ -265,6 +270,10 @@ class Supervisor:
         return self.issued.env(user) if self.issued else {}
 
     async def _supervise(self, url: str) -> int:
+        # SIGTERM cancels this task, as asyncio does for Ctrl+C.  Raised from a signal handler,
+        # the exception could land inside nats-py's connection tasks, which logged and swallowed
+        # it ("nats: "): the run went on (seen once in the test suite).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
         env = self.role_env(url)
         scale = self.settings.autoscale_range
         workers = scale[1] if scale else self.settings.workers
