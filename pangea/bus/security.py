@@ -70,6 +70,7 @@ def role_permissions(job: str, role: str, worker: str | None = None, shard: int 
             f"{API}.CONSUMER.MSG.NEXT.{plans}.preprocessor",
             f"{API}.STREAM.PURGE.{batches}",
             f"$JS.ACK.{plans}.preprocessor.>",
+            f"$KV.{subjects.job_bucket(job)}.{subjects.JobKey.PREPROCESSOR}",  # "my data is loaded"
         ]
         return {"publish": publish, "subscribe": list(_COMMON_SUBSCRIBE)}
     if role == "worker":
