@@ -1,7 +1,8 @@
 """Time (and bytes) to 0.97 test accuracy on digits: Pangea vs torch DDP (gloo) with the same
 K, global batch, optimizer, initial weights and batch order, for a small and a 3M-parameter MLP.
 
-    python -m benchmarks.train              # the table: ~5 min on 2 cores
+    python -m benchmarks.train              # the table, 3 runs of each side: ~15 min on 2 cores
+    python -m benchmarks.train --runs 1     # one run of each: ~5 min
     python -m benchmarks.train --quick      # 1 epoch of the small MLP, target 0.5: the plumbing only
     python -m benchmarks.train --only 2048  # just the rows whose label contains "2048"
 
