@@ -15,6 +15,7 @@ from pangea.bus.client import Bus
 from pangea.roles.checkpoints import CheckpointStore
 from pangea.settings import BusSettings
 from pangea.train.checkpoint import Checkpoint
+from pangea.train.outputs import Metrics
 
 
 @pytest.mark.parametrize("tmpdir_usable", [True, False])
@@ -44,3 +45,24 @@ def test_a_stored_checkpoint_comes_back_whole(nats_url, job, tmp_path, monkeypat
     buf = back.optimizer["state"][0]["momentum_buffer"]
     assert torch.equal(buf, state["state"][0]["momentum_buffer"])
     assert ("serialised in memory" in caplog.text) is not tmpdir_usable
+
+
+def test_a_checkpoint_keeps_the_metrics_as_they_were_when_it_was_written():
+    """The checkpoint holds the live metrics (no deep copy, which grew with every round): they come
+    back whole through the weights-only loader, and what the run adds afterwards is not in them."""
+    metrics = Metrics(job="j", mode="run", settings={"lr": 0.1, "hidden": [128]})
+    for r in range(30):
+        metrics.loss.append(1.0 / (r + 1))
+        metrics.round_seconds.append(0.01)
+        metrics.plans.append({"round": r, "first_step": r, "shards": [{"rows": [[0, 32]], "workers": ["w0"]}]})
+    metrics.add_evaluation(29, {"test_accuracy": 0.9}, 1)
+    metrics.rejected["stale"] = 2
+    ckpt = Checkpoint(30, np.zeros(4, np.float32), {"state": {}, "param_groups": []}, metrics.fields_shared(), "h")
+    stored = ckpt.to_bytes()
+    metrics.loss.append(0.01)  # the run goes on
+    metrics.rejected["stale"] = 3
+    back = Metrics(**Checkpoint.from_bytes(stored).metrics)
+    assert len(back.loss) == 30 and back.rejected == {"stale": 2}
+    metrics.loss.pop()
+    metrics.rejected["stale"] = 2
+    assert back == metrics

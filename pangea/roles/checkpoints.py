@@ -50,7 +50,8 @@ class CheckpointStore:
         """Store `ckpt` as the latest and as `round-<n>`; keep only the last `keep` of those.
 
         Serialised into a temporary file and streamed from it: the orchestrator's memory holds
-        no serialised copy (that copy was its peak: parameters and optimizer state again)."""
+        no serialised copy (that copy was its peak: parameters and optimizer state again).  It is
+        serialised before the first await, so its metrics may be the live ones (not a copy)."""
         bucket = subjects.checkpoint_bucket(self.job)
         with _serialised(ckpt) as file:
             await self.bus.put_object(bucket, LATEST, file)

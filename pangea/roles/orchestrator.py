@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 
@@ -188,7 +188,7 @@ class Orchestrator:
                 rounds_done,
                 self.server.layout.flatten_params(self.server.model) if flat is None else flat,
                 self.server.optimizer.state_dict(),
-                asdict(self.metrics),
+                self.metrics.fields_shared(),  # serialised before save() first awaits
                 self.server.layout.hash,
             )
         )

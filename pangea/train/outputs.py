@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,11 @@ class Metrics:
         if "test_accuracy" in figures:
             self.test_accuracy += [figures["test_accuracy"]] * epochs_ended
             self.final_test_accuracy = figures["test_accuracy"]
+
+    def fields_shared(self) -> dict:
+        """The fields as a dict sharing their values, no copy: for a serialiser that writes it at once
+        (a checkpoint: `asdict`'s deep copy grew with every round, 36 ms at 1,320 rounds)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def to_json(self) -> str:
         data = asdict(self)
