@@ -5,6 +5,7 @@ what comes back is what was stored."""
 from __future__ import annotations
 
 import asyncio
+import io
 import tempfile
 
 import numpy as np
@@ -66,3 +67,55 @@ def test_a_checkpoint_keeps_the_metrics_as_they_were_when_it_was_written():
     metrics.loss.pop()
     metrics.rejected["stale"] = 2
     assert back == metrics
+
+
+def test_checkpoints_stored_in_the_background_land_in_order_as_they_were(nats_url, job):
+    """`save_later` serialises at once and stores while the caller goes on: the second checkpoint
+    waits for the first, `latest` ends as the second, and each holds the metrics of its moment."""
+    metrics = Metrics(job="j", mode="run", settings={})
+    params = np.arange(10, dtype=np.float32)
+
+    def snapshot(round_: int) -> Checkpoint:
+        return Checkpoint(round_, params + round_, {"state": {}, "param_groups": []}, metrics.fields_shared(), "h")
+
+    async def main() -> tuple[Checkpoint | None, Checkpoint]:
+        bus = await Bus.connect(BusSettings(nats_url=nats_url, job=job), "test")
+        try:
+            store = CheckpointStore(bus, job, keep=2)
+            metrics.loss.append(0.5)
+            store.save_later(snapshot(5))
+            metrics.loss.append(0.25)  # the next round, while round 5's checkpoint is stored
+            store.save_later(snapshot(6))
+            await store.saved()
+            return await store.latest(), await store.at_or_before(job, 5)
+        finally:
+            await bus.delete_job()
+            await bus.close()
+
+    latest, fifth = asyncio.run(main())
+    assert latest is not None and latest.round == 6 and latest.metrics["loss"] == [0.5, 0.25]
+    assert fifth.round == 5 and fifth.metrics["loss"] == [0.5]
+    assert np.array_equal(fifth.params, params + 5) and np.array_equal(latest.params, params + 6)
+
+
+def test_a_checkpoint_of_the_previous_format_is_still_read():
+    """Format 1 (metrics as a pickled dict), as an orchestrator before format 2 stored it."""
+    buffer = io.BytesIO()
+    state = {"state": {}, "param_groups": []}
+    torch.save(
+        {
+            "format": 1,
+            "round": 3,
+            "params": torch.zeros(2),
+            "optimizer": state,
+            "metrics": {"loss": [1.0]},
+            "layout_hash": "h",
+        },
+        buffer,
+    )
+    back = Checkpoint.from_bytes(buffer.getvalue())
+    assert back.round == 3 and back.metrics == {"loss": [1.0]} and back.optimizer == state
+    newer = io.BytesIO()
+    torch.save({"format": 9}, newer)
+    with pytest.raises(ValueError, match="checkpoint format 9"):
+        Checkpoint.from_bytes(newer.getvalue())

@@ -3,6 +3,7 @@ from) and `round-<n>` (the last few, for replays from a round).  The names are p
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import tempfile
@@ -45,17 +46,42 @@ class CheckpointStore:
 
     def __init__(self, bus, job: str, keep: int) -> None:
         self.bus, self.job, self.keep = bus, job, keep
+        self._saving: asyncio.Task | None = None  # the checkpoints being stored, in order
 
-    async def save(self, ckpt: Checkpoint) -> None:
-        """Store `ckpt` as the latest and as `round-<n>`; keep only the last `keep` of those.
+    def save_later(self, ckpt: Checkpoint) -> None:
+        """Serialise `ckpt` now and store it in the background, after any checkpoint still being
+        stored; `saved` waits for it (a failure to store raises there).
 
         Serialised into a temporary file and streamed from it: the orchestrator's memory holds
         no serialised copy (that copy was its peak: parameters and optimizer state again).  It is
-        serialised before the first await, so its metrics may be the live ones (not a copy)."""
+        serialised before this returns, so its metrics may be the live ones (not a copy)."""
+        file = _serialised(ckpt)
+        previous = self._saving
+
+        async def store() -> None:
+            with file:
+                if previous is not None:
+                    await previous
+                await self._store(file, ckpt.round)
+
+        self._saving = asyncio.create_task(store())
+
+    async def saved(self) -> None:
+        """Wait until the checkpoints given to `save_later` are stored."""
+        if self._saving is not None:
+            task, self._saving = self._saving, None
+            await task
+
+    async def save(self, ckpt: Checkpoint) -> None:
+        """Store `ckpt` (and any checkpoint still being stored) before returning."""
+        self.save_later(ckpt)
+        await self.saved()
+
+    async def _store(self, file: BinaryIO, round_: int) -> None:
+        """Store as the latest and as `round-<n>`; keep only the last `keep` of those."""
         bucket = subjects.checkpoint_bucket(self.job)
-        with _serialised(ckpt) as file:
-            await self.bus.put_object(bucket, LATEST, file)
-            await self.bus.put_object(bucket, f"{_ROUND}{ckpt.round}", file)
+        await self.bus.put_object(bucket, LATEST, file)
+        await self.bus.put_object(bucket, f"{_ROUND}{round_}", file)
         kept = stored_rounds(await self.bus.list_objects(bucket))
         for old in kept[: max(0, len(kept) - self.keep)]:
             await self.bus.delete_object(bucket, f"{_ROUND}{old}")

@@ -182,13 +182,18 @@ class Orchestrator:
     async def checkpoint(self, rounds_done: int, flat: np.ndarray | None = None) -> None:
         """Store parameters (`flat`, if already flattened: no second copy), optimizer state, round
         and metrics (the latest, and the last PANGEA_CHECKPOINT_KEEP per round, for replays)."""
+        self.checkpoint_later(rounds_done, flat)
+        await self.checkpoints.saved()
+
+    def checkpoint_later(self, rounds_done: int, flat: np.ndarray | None = None) -> None:
+        """`checkpoint`, serialised now and stored while the rounds go on."""
         self._record_kernels()
-        await self.checkpoints.save(
+        self.checkpoints.save_later(
             Checkpoint(
                 rounds_done,
                 self.server.layout.flatten_params(self.server.model) if flat is None else flat,
                 self.server.optimizer.state_dict(),
-                self.metrics.fields_shared(),  # serialised before save() first awaits
+                self.metrics.fields_shared(),  # serialised before save_later returns
                 self.server.layout.hash,
             )
         )
@@ -349,7 +354,9 @@ class Orchestrator:
             self.metrics.add_evaluation(r, figures, ended)
         every = self.settings.checkpoint_every
         if every and (r + 1) % every == 0 and r + 1 < self.server.total_rounds:
-            await self.checkpoint(r + 1, flat)  # after the broadcast: a successor redoes at most this round
+            # After the broadcast, stored while round r+1 runs: a successor resumes from it, or from
+            # the one before if this one was not stored yet.
+            self.checkpoint_later(r + 1, flat)
         excluded = self.membership.excluded()
         done = RoundDone(
             self.job,
