@@ -24,8 +24,9 @@ dataset cut from digits so the run has a few rounds.  Columns:
                     (the nats-server); the biggest is where the next change should go
   all_cpu_s         their sum: next to cores x pangea_round_s it shows how much of the
                     machine the run got
-  peak_rss_over_model  (orchestrator VmHWM - its RSS once the job spec is on the bus, i.e.
-                    the model is built and no round has started) / (4 P bytes)
+  peak_rss_over_model  (orchestrator VmHWM - its idle RSS: the lowest from the job spec's
+                    appearance on the bus, the model built, to the start of round 0) / (4 P bytes)
+  idle_mb, peak_mb  those two RSS figures
 """
 
 from __future__ import annotations
@@ -357,18 +358,25 @@ async def _watch_orchestrator(proc: subprocess.Popen, out: Path, bus, job: str) 
     """Sample the orchestrator's memory until `pangea run` ends or times out:
     (idle RSS, VmHWM) in bytes, and whether it timed out.
 
-    Idle is the RSS at the first sample after the job spec appears on the bus: the orchestrator
-    has built its model and streams and waits for workers; no round has begun."""
+    Idle is the lowest RSS sampled from the job spec's appearance on the bus (the orchestrator
+    has built its model and streams) until its log says it starts round 0: before that it
+    broadcasts the first parameters and waits for workers.  The lowest, because one sample
+    landed before that broadcast and another during it (a first sample in the race gave
+    2.4x or 3.1x the model for the same code): the strictest at-rest figure."""
     from pangea.bus import subjects
 
     deadline = time.monotonic() + RUN_TIMEOUT
+    log = out / "logs" / "orchestrator.log"
     pid = idle = peak = 0
+    resting = True  # until round 0 starts
     while proc.poll() is None:
         if time.monotonic() > deadline:
             return idle, peak, True
         pid = pid or _pids(out).get("orchestrator", 0)
-        if pid and not idle and await bus.kv_get(subjects.job_bucket(job), "spec") is not None:
-            idle = _status(pid).get("VmRSS", 0)
+        if pid and resting and (idle or await bus.kv_get(subjects.job_bucket(job), "spec") is not None):
+            rss = _status(pid).get("VmRSS", 0)
+            idle = min(idle, rss) if idle else rss
+            resting = not (log.exists() and "starting at round 0" in log.read_text(errors="replace"))
         if pid:
             peak = max(peak, _status(pid).get("VmHWM", 0))
         await asyncio.sleep(SAMPLE_SECONDS)
@@ -454,6 +462,8 @@ def run(configs: list[Config] | None = None, rounds: int = 5, gloo_iters: int = 
                     **{f"cpu_{k}_s": result.cpu_s.get(k, math.nan) for k in KINDS},
                     "all_cpu_s": sum(result.cpu_s.values()) if result.cpu_s else math.nan,
                     "peak_rss_over_model": over,
+                    "idle_mb": result.idle_rss / 1e6,
+                    "peak_mb": result.peak_rss / 1e6,
                 }
             )
             print(

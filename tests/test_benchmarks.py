@@ -21,6 +21,7 @@ def test_round_quick():
         for key in ("pangea_round_s", "metrics_round_s", "compute_s", "gloo_allreduce_s"):
             assert row[key] > 0, (key, row)
         assert all(row[f"cpu_{kind}_s"] >= 0 for kind in ("workers", "orchestrator", "preprocessor", "nats")), row
+        assert 0 < row["idle_mb"] <= row["peak_mb"], row  # idle: the lowest RSS before round 0
 
 
 @pytest.mark.slow
