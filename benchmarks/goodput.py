@@ -287,7 +287,13 @@ def main() -> None:
     if args.timeout:
         workload = Workload(**{**workload.__dict__, "timeout": args.timeout})
     rows = run(workload, args.every, args.ddp_checkpoint)
-    record("goodput", rows)
+    # A variant keeps its own file: benchmarks.all's goodput.json (the default) stays as it ran.
+    variant = [
+        args.workload if args.workload != "lm" else "",
+        f"every{args.every:g}" if args.every != EVERY else "",
+        f"ddp-{args.ddp_checkpoint}" if args.ddp_checkpoint != "evaluation" else "",
+    ]
+    record("-".join(["goodput", *filter(None, variant)]), rows)
     print(goal_line(rows))
 
 
