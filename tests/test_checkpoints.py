@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import tempfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -119,3 +120,22 @@ def test_a_checkpoint_of_the_previous_format_is_still_read():
     torch.save({"format": 9}, newer)
     with pytest.raises(ValueError, match="checkpoint format 9"):
         Checkpoint.from_bytes(newer.getvalue())
+
+
+def test_a_checkpoint_that_could_not_be_stored_is_reported_by_the_next_one():
+    """A background store that failed raises at the next checkpoint, not only at the end of the run."""
+
+    class Unreachable:
+        async def put_object(self, bucket, name, file):
+            raise RuntimeError("storing failed")
+
+    async def main() -> None:
+        store = CheckpointStore(Unreachable(), "j", keep=2)
+        ckpt = Checkpoint(1, np.zeros(2, np.float32), {"state": {}, "param_groups": []}, {}, "h")
+        store.save_later(ckpt)
+        for _ in range(10):  # the store runs (and fails) while the caller goes on
+            await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="storing failed"):
+            store.save_later(replace(ckpt, round=2))
+
+    asyncio.run(main())

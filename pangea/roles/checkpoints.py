@@ -50,13 +50,16 @@ class CheckpointStore:
 
     def save_later(self, ckpt: Checkpoint) -> None:
         """Serialise `ckpt` now and store it in the background, after any checkpoint still being
-        stored; `saved` waits for it (a failure to store raises there).
+        stored; `saved` waits for it (a failure to store raises there, or at the next `save_later`).
 
         Serialised into a temporary file and streamed from it: the orchestrator's memory holds
         no serialised copy (that copy was its peak: parameters and optimizer state again).  It is
         serialised before this returns, so its metrics may be the live ones (not a copy)."""
-        file = _serialised(ckpt)
         previous = self._saving
+        if previous is not None and previous.done():
+            previous.result()  # the last store failed: say so now, not at the end of the run
+            previous = None
+        file = _serialised(ckpt)
 
         async def store() -> None:
             with file:
