@@ -182,20 +182,20 @@ class Orchestrator:
     async def checkpoint(self, rounds_done: int, flat: np.ndarray | None = None) -> None:
         """Store parameters (`flat`, if already flattened: no second copy), optimizer state, round
         and metrics (the latest, and the last PANGEA_CHECKPOINT_KEEP per round, for replays)."""
-        self.checkpoint_later(rounds_done, flat)
-        await self.checkpoints.saved()
+        await self.checkpoints.save(self._snapshot(rounds_done, flat))
 
     def checkpoint_later(self, rounds_done: int, flat: np.ndarray | None = None) -> None:
         """`checkpoint`, serialised now and stored while the rounds go on."""
+        self.checkpoints.save_later(self._snapshot(rounds_done, flat))
+
+    def _snapshot(self, rounds_done: int, flat: np.ndarray | None) -> Checkpoint:
         self._record_kernels()
-        self.checkpoints.save_later(
-            Checkpoint(
-                rounds_done,
-                self.server.layout.flatten_params(self.server.model) if flat is None else flat,
-                self.server.optimizer.state_dict(),
-                self.metrics.fields_shared(),  # serialised before save_later returns
-                self.server.layout.hash,
-            )
+        return Checkpoint(
+            rounds_done,
+            self.server.layout.flatten_params(self.server.model) if flat is None else flat,
+            self.server.optimizer.state_dict(),
+            self.metrics.fields_shared(),  # the live metrics: save/save_later serialise before they return or await
+            self.server.layout.hash,
         )
 
     # ------------------------------------------------------------------ the loop
