@@ -70,15 +70,18 @@ struct Batch {
   generation @10 :UInt32;  # of the orchestrator that planned it (see RoundPlan)
   inner @11 :UInt32;      # diloco: which of the round's local steps this batch is for
   innerSteps @12 :UInt32; # diloco: local steps in the round (0 or 1: one step, as in sync)
+  # Named tensors beyond x and y, e.g. an attention mask or a loss mask; each Tensor's `name`
+  # is its key (not empty, not "x" or "y", no two alike).
+  extra @13 :List(Tensor);
 }
 
-# A worker's gradient of the mean loss on one shard, one chunk at a time.
+# A worker's gradient of the loss on one shard, one chunk at a time.
 struct Gradient {
   header @0 :Header;
   round @1 :UInt64;
   shard @2 :UInt32;
   numSamples @3 :UInt32;
-  loss @4 :Float64;       # mean loss over the shard
+  loss @4 :Float64;       # mean loss over the shard's counted targets
   paramsVersion @5 :UInt64;
   chunk @6 :Chunk;
   values @7 :Tensor;
@@ -86,6 +89,10 @@ struct Gradient {
   compression @9 :Text;   # none | fp16 | bf16 | int8 | topk: how `values` encodes the chunk
   scale @10 :Float64;     # int8: value = q * scale
   indices @11 :Tensor;    # topk: uint32 positions of `values` within the chunk
+  # The number of counted targets behind `values`.  sync and async: `values` is the gradient
+  # of the loss SUMMED over these targets, and the orchestrator divides the sum over shards
+  # by the sum of counts.  diloco: the weight of the shard's mean pseudo-gradient.
+  count @12 :Float64;
 }
 
 # Parameters after `version` optimizer steps, one chunk at a time.
@@ -156,7 +163,7 @@ struct JobSpec {
   dataset @9 :Text;
   batchSize @10 :UInt32;
   epochs @11 :UInt32;
-  optimizer @12 :Text;
+  optimizer @12 :Text;    # sgd | adam | adamw | module:factory | pickle:<sha256>
   lr @13 :Float64;
   momentum @14 :Float64;
   weightDecay @15 :Float64;
@@ -188,6 +195,12 @@ struct JobSpec {
   byzantine @41 :UInt32;
   clipNorm @42 :Float64;
   policy @43 :Text;
+  step @44 :Text;         # the step hook: module:function | pickle:<sha256> ("": the task's built-in step)
+  microBatch @45 :UInt32; # rows per piece of a shard's gradient accumulation (0: the whole shard)
+  precision @46 :Text;    # fp32 | bf16 (autocast)
+  # Elements of the flat vector that are trainable parameters; the rest are buffers
+  # (0 from an older writer: all of numParams).
+  paramNumel @47 :UInt64;
 }
 
 # Published by the orchestrator after each optimizer step (progress, status).

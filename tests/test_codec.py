@@ -29,7 +29,7 @@ def _tensor(array: np.ndarray, name: str = "") -> m.Tensor:
     return m.Tensor.from_numpy(array, name)
 
 
-def _batch() -> m.Batch:
+def _batch(extra: tuple[m.Tensor, ...] = ()) -> m.Batch:
     rng = np.random.default_rng(RNG_SEED)
     x = rng.standard_normal((5, 8, 8)).astype(np.float32)
     y = rng.integers(0, 10, size=5).astype(np.int64)
@@ -46,6 +46,17 @@ def _batch() -> m.Batch:
         stop=15,
         x=_tensor(x, "x"),
         y=_tensor(y, "y"),
+        extra=extra,
+    )
+
+
+def _batch_with_extras() -> m.Batch:
+    rng = np.random.default_rng(RNG_SEED + 3)
+    return _batch(
+        extra=(
+            _tensor(rng.random((5, 8)) < 0.5, "attention_mask"),
+            _tensor(rng.random(5).astype(np.float32), "loss_mask"),
+        )
     )
 
 
@@ -62,6 +73,7 @@ def _gradient(values: np.ndarray | None = None) -> m.Gradient:
         params_version=2**35,
         chunk=m.Chunk(index=1, count=4, offset=33, total=4 * 33),
         values=_tensor(values, "g"),
+        count=21.0,
     )
 
 
@@ -69,6 +81,7 @@ def _all_messages() -> list:
     vec = np.linspace(-1, 1, 17, dtype=np.float32)
     return [
         _batch(),
+        _batch_with_extras(),
         _gradient(),
         m.Params(
             job="job-a",
@@ -113,6 +126,11 @@ def _all_messages() -> list:
             dataset="/data/mnist.npz",
             batch_size=512,
             epochs=7,
+            optimizer="pickle:" + "ab" * 32,
+            step="pkg.steps:masked_lm",
+            micro_batch=64,
+            precision="bf16",
+            param_numel=2**33 - 100,
         ),
         m.RoundDone(
             job="job-a",
@@ -129,14 +147,23 @@ def _all_messages() -> list:
     ]
 
 
+def _assert_same_tensor(a: m.Tensor, b: m.Tensor, what: str) -> None:
+    assert (b.dtype, b.shape, b.name) == (a.dtype, a.shape, a.name), what
+    assert bytes(b.data) == bytes(a.data), what
+
+
 def _assert_same(a, b) -> None:
-    """Field-by-field equality; tensors compared by dtype, shape, name and exact bytes."""
+    """Field-by-field equality; tensors (lists of them too) compared by dtype, shape, name and
+    exact bytes."""
     assert type(a) is type(b)
     for f in dataclasses.fields(a):
         va, vb = getattr(a, f.name), getattr(b, f.name)
         if isinstance(va, m.Tensor):
-            assert (vb.dtype, vb.shape, vb.name) == (va.dtype, va.shape, va.name), f.name
-            assert bytes(vb.data) == bytes(va.data), f.name
+            _assert_same_tensor(va, vb, f.name)
+        elif isinstance(va, tuple) and va and isinstance(va[0], m.Tensor):
+            assert type(vb) is tuple and len(vb) == len(va), f.name
+            for ta, tb in zip(va, vb):
+                _assert_same_tensor(ta, tb, f.name)
         else:
             assert vb == va, f.name
             assert type(vb) is type(va), f.name
@@ -412,6 +439,24 @@ def test_reference_capnp_tool_reads_a_batch_written_by_pangea():
     assert f'worker = "{batch.worker}"' in text
     assert "kind = batch" in text
     assert f"shape = [{', '.join(map(str, batch.x.shape))}]" in text
+
+
+def test_reference_capnp_tool_reads_a_batch_with_extra_tensors():
+    batch = _batch_with_extras()
+    text = _capnp_tool_decode("Batch", codec.encode(batch))
+    assert "extra = [" in text
+    for tensor in batch.extra:
+        assert f'name = "{tensor.name}"' in text
+        assert f"shape = [{', '.join(map(str, tensor.shape))}]" in text
+    assert "dtype = bool" in text
+
+
+def test_reference_capnp_tool_reads_the_new_gradient_and_job_spec_fields():
+    gradient, spec = (next(msg for msg in _all_messages() if type(msg) is cls) for cls in (m.Gradient, m.JobSpec))
+    assert "count = 21" in _capnp_tool_decode("Gradient", codec.encode(gradient))
+    text = _capnp_tool_decode("JobSpec", codec.encode(spec))
+    assert 'step = "pkg.steps:masked_lm"' in text and "microBatch = 64" in text
+    assert 'precision = "bf16"' in text and f"paramNumel = {2**33 - 100}" in text
 
 
 def test_reference_capnp_tool_reads_a_multi_megabyte_tensor():

@@ -9,6 +9,7 @@ import pytest
 
 from pangea.wire import codec
 from pangea.wire import messages as m
+from pangea.wire.capnp_spans import list_data_spans
 
 HUGE = 20_000_000
 
@@ -50,25 +51,33 @@ def _offset(pointer: int) -> int:
     return value - (1 << 30) if value & (1 << 29) else value
 
 
-def _shards_tag_index(raw: bytes) -> int:
-    """Word index (in the segment) of the tag word of the root RoundPlan's `shards` list."""
+def _tag_index(raw: bytes, field: int) -> int:
+    """Word index (in the segment) of the tag word of the composite list that the root struct's
+    pointer `field` points to."""
     base = _segment_start(raw)
     root = _word(raw, base, 0)
     assert root & 3 == 0, "root is a struct pointer"
     data_words = (root >> 32) & 0xFFFF
-    # Pointer section: header @0, shards @1, reissue @2.
-    list_index = 1 + _offset(root) + data_words + 1
+    list_index = 1 + _offset(root) + data_words + field
     pointer = _word(raw, base, list_index)
-    assert pointer & 3 == 1 and (pointer >> 32) & 7 == 7, "shards is a composite list"
+    assert pointer & 3 == 1 and (pointer >> 32) & 7 == 7, "a composite list"
     return list_index + 1 + _offset(pointer)
 
 
-def _with_shards_tag(raw: bytes, count: int, data_words: int, pointer_words: int) -> bytes:
-    index = _shards_tag_index(raw)
+def _shards_tag_index(raw: bytes) -> int:
+    """Word index of the tag word of the root RoundPlan's `shards` list."""
+    return _tag_index(raw, 1)  # pointer section: header @0, shards @1, reissue @2
+
+
+def _with_tag(raw: bytes, index: int, count: int, data_words: int, pointer_words: int) -> bytes:
     patched = bytearray(raw)
     tag = (count << 2) | (data_words << 32) | (pointer_words << 48)
     struct.pack_into("<Q", patched, _segment_start(raw) + 8 * index, tag)
     return bytes(patched)
+
+
+def _with_shards_tag(raw: bytes, count: int, data_words: int, pointer_words: int) -> bytes:
+    return _with_tag(raw, _shards_tag_index(raw), count, data_words, pointer_words)
 
 
 def test_crafting_helper_finds_the_shards_tag():
@@ -109,6 +118,51 @@ def test_a_large_honest_list_still_decodes():
     back = codec.decode(codec.encode(plan), m.RoundPlan)
     assert len(back.shards) == 100_000
     assert back == plan
+
+
+# A Batch's `extra` tensors are found by capnp_spans' own walk of the list, so the same claims
+# are refused there too, before a Tensor is built.
+
+
+def _batch_with_extra() -> m.Batch:
+    def tensor(name: str) -> m.Tensor:
+        return m.Tensor.from_numpy(np.zeros((2, 3), np.float32), name)
+
+    return m.Batch(
+        job="job-a",
+        sender="preprocessor",
+        round=7,
+        epoch=0,
+        step=3,
+        worker="w0",
+        shard=0,
+        start=0,
+        stop=2,
+        x=tensor("x"),
+        y=tensor("y"),
+        extra=(tensor("mask"),),
+    )
+
+
+def _with_extra_tag(count: int, data_words: int, pointer_words: int) -> bytes:
+    raw = codec.encode(_batch_with_extra())
+    index = _tag_index(raw, codec._list_path("Batch", "extra")[0][0])
+    return _with_tag(raw, index, count, data_words, pointer_words)
+
+
+def test_crafting_helper_finds_the_extra_tag():
+    # A Tensor struct: 1 data word (dtype), 3 pointers (shape, data, name); written back as is.
+    assert codec.decode(_with_extra_tag(1, 1, 3), m.Batch) == _batch_with_extra()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sizes", [(0, 0), (1, 3)], ids=["zero-size", "overrunning"])
+def test_extra_tensors_claiming_a_huge_list_are_refused(sizes):
+    payload = _with_extra_tag(HUGE, *sizes)
+    with pytest.raises(codec.CodecError):
+        codec.decode(payload, m.Batch)
+    with pytest.raises(ValueError, match="does not fit"):
+        list_data_spans(payload, *codec._list_path("Batch", "extra"))
 
 
 # ---------------------------------------------------------------- bytes-like payloads

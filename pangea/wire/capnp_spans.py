@@ -8,6 +8,8 @@ process that decodes N MB of tensors keeps N MB for ever; measured: 100 decodes 
 Data field and returns (offset, length) in the payload, so the tensor is a slice of the
 payload: zero copy, and no reference anywhere but in the slice.
 
+`data_span` finds one Data field behind a path of struct pointers; `list_data_spans` finds
+the Data field of every element of a List(struct) field (a Batch's `extra` tensors).
 Handles multi-segment messages and single- and double-far pointers (pycapnp's own builder
 puts a large Data field in a segment of its own).  Any inconsistency raises ValueError.
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 import struct
 
 _WORD = 8
-_MAX_HOPS = 4  # root -> struct -> struct -> data, each at most one far hop
 
 
 def _segments(payload: memoryview) -> list[tuple[int, int]]:
@@ -76,26 +77,35 @@ def _resolve(payload, segments, seg: int, index: int) -> tuple[int, int, int] | 
     return content_seg, content_at, _word(payload, segments, target, pad + 1)
 
 
-def data_span(payload: bytes | memoryview, path: tuple[int, ...]) -> tuple[int, int]:
-    """(offset, length) in `payload` of the Data field reached from the root struct through
-    the pointer-section indices `path` (all but the last lead to structs)."""
-    view = memoryview(payload).cast("B")
-    segments = _segments(view)
-    seg, at = 0, 0  # the root pointer
-    for hop, index in enumerate(path):
-        resolved = _resolve(view, segments, seg, at)
-        if resolved is None:
-            return 0, 0  # a null struct: its Data fields are empty
-        seg, content, pointer = resolved
-        if pointer & 3 != 0:
-            raise ValueError("expected a struct pointer")
-        data_words, pointer_words = (pointer >> 32) & 0xFFFF, pointer >> 48
-        if index >= pointer_words:
-            return 0, 0  # an older writer without this field: it reads as empty
-        at = content + data_words + index
-        if hop == len(path) - 1:
-            break
-    resolved = _resolve(view, segments, seg, at)
+def _field(payload, segments, seg: int, at: int, index: int) -> tuple[int, int] | None:
+    """(segment, word) of pointer `index` of the struct that the pointer at (seg, at) points to,
+    or None when that struct is null or older than the field (both read as the default)."""
+    resolved = _resolve(payload, segments, seg, at)
+    if resolved is None:
+        return None
+    seg, content, pointer = resolved
+    if pointer & 3 != 0:
+        raise ValueError("expected a struct pointer")
+    data_words, pointer_words = (pointer >> 32) & 0xFFFF, pointer >> 48
+    if index >= pointer_words:
+        return None  # an older writer without this field
+    return seg, content + data_words + index
+
+
+def _walk(payload, segments, path: tuple[int, ...]) -> tuple[int, int] | None:
+    """(segment, word) of the pointer reached from the root through the struct pointer indices
+    `path`, or None when a struct on the way is null or lacks the field."""
+    at: tuple[int, int] | None = (0, 0)  # the root pointer
+    for index in path:
+        at = _field(payload, segments, *at, index)
+        if at is None:
+            return None
+    return at
+
+
+def _data(payload, segments, seg: int, at: int) -> tuple[int, int]:
+    """(offset, length) in `payload` of the Data value that the pointer at (seg, at) points to."""
+    resolved = _resolve(payload, segments, seg, at)
     if resolved is None:
         return 0, 0
     seg, content, pointer = resolved
@@ -106,3 +116,45 @@ def data_span(payload: bytes | memoryview, path: tuple[int, ...]) -> tuple[int, 
     if content < 0 or content * _WORD + length > seg_len:
         raise ValueError("Data field extends past its segment")
     return start + content * _WORD, length
+
+
+def data_span(payload: bytes | memoryview, path: tuple[int, ...]) -> tuple[int, int]:
+    """(offset, length) in `payload` of the Data field reached from the root struct through
+    the pointer-section indices `path` (all but the last lead to structs)."""
+    view = memoryview(payload).cast("B")
+    segments = _segments(view)
+    at = _walk(view, segments, path)
+    return (0, 0) if at is None else _data(view, segments, *at)
+
+
+def list_data_spans(payload: bytes | memoryview, path: tuple[int, ...], field: int) -> list[tuple[int, int]]:
+    """(offset, length) in `payload` of Data field `field` (a pointer-section index) of each
+    element of the List(struct) reached from the root struct through the struct pointer
+    indices `path`; [] for a null or absent list."""
+    view = memoryview(payload).cast("B")
+    segments = _segments(view)
+    at = _walk(view, segments, path)
+    resolved = None if at is None else _resolve(view, segments, *at)
+    if resolved is None:
+        return []
+    seg, content, pointer = resolved
+    # A struct list is a composite list: a tag word shaped like a struct pointer whose offset
+    # field is the element count, then the elements, each of the tag's (data, pointer) words.
+    if pointer & 3 != 1 or (pointer >> 32) & 7 != 7:
+        raise ValueError("expected a composite list")
+    words = pointer >> 35  # of all elements, not counting the tag
+    if content < 0 or content + 1 + words > segments[seg][1] // _WORD:
+        raise ValueError("list extends past its segment")
+    tag = _word(view, segments, seg, content)
+    if tag & 3 != 0:
+        raise ValueError("malformed composite list tag")
+    count, data_words, pointer_words = (tag >> 2) & 0x3FFFFFFF, (tag >> 32) & 0xFFFF, tag >> 48
+    size = data_words + pointer_words
+    # Zero-size elements take no bytes: charge each a word, as capnp's own amplification
+    # guard does, so that a few bytes cannot claim a billion elements.
+    if count * size > words or count > len(view) // _WORD:
+        raise ValueError(f"composite list of {count} elements does not fit its {words} words")
+    if field >= pointer_words:  # an older writer's elements, without this field: empty
+        return [(0, 0)] * count
+    first = content + 1 + data_words + field
+    return [_data(view, segments, seg, first + i * size) for i in range(count)]

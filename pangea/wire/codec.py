@@ -1,11 +1,12 @@
 """Messages <-> Cap'n Proto bytes.  The only module that imports capnp.
 
-Decoding is zero-copy: tensor payloads come back as views into the received buffer (found
-by `capnp_spans`), which the returned message keeps alive.  Encoding copies a tensor
-twice: into the one segment capnp writes, and out to `bytes` (see `_Arena`).  Anything
-that is not a well-formed message of the expected kind raises `CodecError` with a short reason.
+Decoding is zero-copy: tensor payloads, those in lists of tensors (a Batch's `extra`)
+included, come back as views into the received buffer (found by `capnp_spans`), which the
+returned message keeps alive.  Encoding copies a tensor twice: into the one segment capnp
+writes, and out to `bytes` (see `_Arena`).  Anything that is not a well-formed message of
+the expected kind raises `CodecError` with a short reason.
 
-Why one module of ~310 lines: encoding and decoding are two walks of the same per-class field
+Why one module of ~350 lines: encoding and decoding are two walks of the same per-class field
 plan (`_fields`) over the same schema, and this is the only place capnp is imported.
 """
 
@@ -24,14 +25,17 @@ import numpy as np
 
 from pangea.errors import Reason
 from pangea.wire import messages as m
-from pangea.wire.capnp_spans import data_span
+from pangea.wire.capnp_spans import data_span, list_data_spans
 
 # The traversal limit guards against a few bytes claiming a huge list (amplification):
 # a valid message never needs to traverse more than about its own size.
 _NESTING_LIMIT = 16
-# Words of a message beyond its tensors' bytes that one segment is sized for: headers,
-# names, shapes and short lists fit with room to spare.
+# Words of a message beyond its tensors that one segment is sized for: headers, short
+# texts and short lists fit with room to spare.
 _SMALL_WORDS = 1024
+# A Tensor struct's own words (1 data, 3 pointers) and its list's tag word: counted per
+# tensor, with its shape, name and bytes, so that any number of extras fits one segment.
+_TENSOR_WORDS = 5
 
 _STRUCTS: dict[type, str] = {
     m.Batch: "Batch",
@@ -122,7 +126,7 @@ def encode(message: m.Message) -> bytes:
     cls = type(message)
     if cls not in _STRUCTS:
         raise TypeError(f"cannot encode {cls.__name__}")
-    arena = _Arena(_SMALL_WORDS + sum(_words(len(t.data)) for t in _tensors(message)))
+    arena = _Arena(_SMALL_WORDS + sum(_tensor_words(t) for t in _tensors(message)))
     builder = getattr(schema(), _STRUCTS[cls]).new_message(arena.words, arena.allocate)
     _fill(builder, message)
     return arena.to_bytes(builder)
@@ -141,7 +145,20 @@ def _fill(builder, message: m.Message) -> None:
 
 
 def _tensors(message: m.Message) -> list[m.Tensor]:
-    return [getattr(message, f.name) for f in _fields(type(message)) if f.hint is m.Tensor]
+    """Every tensor of `message`: its Tensor fields and the items of its tensor lists."""
+    out = []
+    for f in _fields(type(message)):
+        if f.hint is m.Tensor:
+            out.append(getattr(message, f.name))
+        elif f.item is m.Tensor:
+            out.extend(getattr(message, f.name))
+    return out
+
+
+def _tensor_words(tensor: m.Tensor) -> int:
+    """Words a tensor takes in a message: struct, shape, name (with its NUL) and bytes."""
+    name = len(tensor.name.encode()) + 1
+    return _TENSOR_WORDS + len(tensor.shape) + _words(name) + _words(len(tensor.data))
 
 
 def _words(nbytes: int) -> int:
@@ -161,6 +178,9 @@ def _set(builder, f: _Field, value) -> None:
         if f.item is m.Shard:
             for item, shard in zip(items, value):
                 item.worker, item.start, item.stop = shard.worker, shard.start, shard.stop
+        elif f.item is m.Tensor:
+            for item, tensor in zip(items, value):
+                _set_tensor(item, tensor)
         else:
             for i, v in enumerate(value):
                 items[i] = v
@@ -245,12 +265,13 @@ def decode(payload: bytes | memoryview, expected: type | None = None) -> m.Messa
             fields = {"job": reader.header.job, "sender": reader.header.sender}
             for f in _fields(cls):
                 fields[f.name] = _get(reader, f, payload, _STRUCTS[cls])
+        # Inside the try: a message's own checks (a Batch's extra tensor names) refuse it too.
+        return cls(**fields)
     except CodecError:
         raise
     # RuntimeError: pycapnp's answer to an enum value the schema does not define.
     except (capnp.KjException, ValueError, UnicodeDecodeError, AttributeError, RuntimeError) as exc:
         raise CodecError(f"malformed {cls.__name__}: {_short(exc)}") from None
-    return cls(**fields)
 
 
 def peek_kind(payload: bytes | memoryview) -> str:
@@ -281,9 +302,15 @@ def _get(reader, f: _Field, payload, struct_name: str):
     value = getattr(reader, f.schema_name)
     hint = f.hint
     if hint is m.Tensor:
-        return _get_tensor(value, payload, _data_path(struct_name, f.schema_name))
+        return _get_tensor(value, payload, data_span(payload, _data_path(struct_name, f.schema_name)))
     if hint is m.Chunk:
         return m.Chunk(value.index, value.count, value.offset, value.total)
+    if f.item is m.Tensor:
+        path, data = _list_path(struct_name, f.schema_name)
+        spans = list_data_spans(payload, path, data)
+        if len(spans) != len(value):
+            raise ValueError(f"{f.name}: {len(spans)} tensors found, pycapnp reads {len(value)}")
+        return tuple(_get_tensor(item, payload, span) for item, span in zip(value, spans))
     if f.item is not None:
         if f.item is m.Shard:
             return tuple(m.Shard(s.worker, s.start, s.stop) for s in value)
@@ -291,13 +318,14 @@ def _get(reader, f: _Field, payload, struct_name: str):
     return hint(value) if hint in (int, float, bool, str) else value
 
 
-def _get_tensor(reader, payload, path: tuple[int, ...]) -> m.Tensor:
+def _get_tensor(reader, payload, span: tuple[int, int]) -> m.Tensor:
+    """The tensor `reader` describes, its bytes the slice `span` = (offset, length) of `payload`."""
     dtype = str(reader.dtype)
     if dtype not in m.DTYPES:
         raise CodecError(f"unknown dtype {dtype!r}")
     shape = tuple(int(s) for s in reader.shape)
     # Not `reader.get_data_as_view("data")`: it leaks the message buffer (see capnp_spans).
-    offset, length = data_span(payload, path)
+    offset, length = span
     expected = math.prod(shape) * m.DTYPES[dtype].itemsize
     if length != expected:
         raise CodecError(f"tensor {reader.name!r}: {length} bytes for shape {shape} {dtype}")
@@ -310,6 +338,14 @@ def _data_path(struct_name: str, field: str) -> tuple[int, int]:
     structs = schema()
     tensor = getattr(structs, struct_name).schema.fields[field].proto.slot.offset
     return tensor, structs.Tensor.schema.fields["data"].proto.slot.offset
+
+
+@cache
+def _list_path(struct_name: str, field: str) -> tuple[tuple[int], int]:
+    """Pointer-section indices of a root struct's List(Tensor) field, and of a Tensor's `data`."""
+    structs = schema()
+    tensors = getattr(structs, struct_name).schema.fields[field].proto.slot.offset
+    return (tensors,), structs.Tensor.schema.fields["data"].proto.slot.offset
 
 
 def _short(exc: BaseException) -> str:

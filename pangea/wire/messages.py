@@ -103,6 +103,9 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Batch:
+    """Rows [start, stop) of one global batch for one worker: inputs `x`, targets `y`, and any
+    further named tensors (masks, ...) in `extra`."""
+
     job: str
     sender: str
     round: int
@@ -117,6 +120,21 @@ class Batch:
     generation: int = 0
     inner: int = 0  # diloco: which local step of the round
     inner_steps: int = 1  # diloco: local steps in the round
+    extra: tuple[Tensor, ...] = ()  # named tensors beyond x and y, keyed by Tensor.name
+
+    def __post_init__(self) -> None:
+        # `tensors` keys them by name: a name that is empty or taken would lose a tensor
+        # silently.  Checked here, so neither a sender nor a decoded message can hold one.
+        seen = {"x", "y"}
+        for tensor in self.extra:
+            if not tensor.name or tensor.name in seen:
+                raise ValueError(f"extra tensor name {tensor.name!r} is empty, 'x', 'y' or repeated")
+            seen.add(tensor.name)
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor of the batch by name: x, y and the extras."""
+        return {"x": self.x, "y": self.y, **{t.name: t for t in self.extra}}
 
 
 @dataclass(frozen=True)
@@ -134,6 +152,7 @@ class Gradient:
     compression: str = "none"
     scale: float = 1.0
     indices: Tensor = field(default_factory=lambda: Tensor("uint32", (0,), memoryview(b"")))
+    count: float = 0.0  # counted targets behind `values` (see tensor.capnp: how it weighs the sum)
 
 
 @dataclass(frozen=True)
@@ -210,7 +229,7 @@ class JobSpec:
     dataset: str
     batch_size: int
     epochs: int
-    optimizer: str = "sgd"
+    optimizer: str = "sgd"  # sgd | adam | adamw | module:factory | pickle:<sha256>
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -242,6 +261,10 @@ class JobSpec:
     byzantine: int = 1
     clip_norm: float = 0.0
     policy: str = "exact"
+    step: str = ""  # the step hook, module:function or pickle:<sha256> ("": the task's own)
+    micro_batch: int = 0  # rows per piece of a shard's gradient accumulation (0: whole shard)
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    param_numel: int = 0  # trainable elements of the flat vector, the rest buffers (0: all)
 
 
 @dataclass(frozen=True)
