@@ -95,9 +95,7 @@ def plot_curves(metrics: Metrics, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(range(len(metrics.loss)), metrics.loss, lw=1)
-    ax_loss.set(xlabel="round", ylabel="training loss", title=f"{metrics.job}: loss")
-    ax_loss.set_yscale("log")
+    _plot_loss(ax_loss, metrics.loss, f"{metrics.job}: loss")
     if metrics.test_accuracy:
         epochs = range(1, len(metrics.test_accuracy) + 1)
         ax_acc.plot(epochs, metrics.test_accuracy, marker="o")
@@ -108,6 +106,46 @@ def plot_curves(metrics: Metrics, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_loss(ax, loss: list, title: str) -> None:
+    """The loss per round thin and light under its smoothed line; a log scale when every loss is positive."""
+    raw = np.asarray(loss, dtype=float)  # metrics.json's null (a NaN) becomes NaN again
+    weight = smoothing_weight(len(raw))
+    rounds = np.arange(len(raw))
+    ax.plot(rounds, raw, lw=0.6, alpha=0.3, color="C0", label="per round")
+    ax.plot(rounds, smooth(raw, weight), lw=1.5, color="C0", label=f"smoothed (EMA {weight:.3g})")
+    finite = raw[np.isfinite(raw)]
+    log = finite.size > 0 and bool(np.all(finite > 0))
+    ax.set(xlabel="round", ylabel="training loss", title=title, yscale="log" if log else "linear")
+    ax.legend(loc="upper right")
+
+
+def smoothing_weight(rounds: int) -> float:
+    """0.9, or for a long run an average over about its last 1% of rounds.
+
+    At 0.9 the average spans ~10 rounds, while a 17,000-round curve puts ~20 rounds in each pixel:
+    the smoothed line would still be a band."""
+    return 1 - 1 / max(10, rounds / 100)
+
+
+def smooth(values, weight: float) -> np.ndarray:
+    """An exponential moving average with TensorBoard's bias correction (0 <= weight < 1).
+
+    The correction divides by the weight the average has gathered so far, so the first point is the
+    first value rather than (1 - weight) x it.  A non-finite value is kept as it is and left out of
+    the average, as TensorBoard does."""
+    values = np.asarray(values, dtype=float)
+    smoothed = np.empty_like(values)
+    last, count = 0.0, 0
+    for i, value in enumerate(values.tolist()):  # a Python loop: 17,000 rounds take a few ms
+        if not math.isfinite(value):
+            smoothed[i] = value
+            continue
+        last = weight * last + (1 - weight) * value
+        count += 1
+        smoothed[i] = last / (1 - weight**count)
+    return smoothed
 
 
 def _plot_validation(ax, evaluations: list[dict], final: dict) -> None:
@@ -140,10 +178,7 @@ def plot_dashboard(metrics: dict, path: Path) -> None:
     loss, seconds, samples = metrics.get("loss", []), metrics.get("round_seconds", []), metrics.get("samples", [])
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     (ax_loss, ax_acc), (ax_time, ax_rate) = axes
-    ax_loss.plot(loss, lw=1)
-    ax_loss.set(
-        xlabel="round", ylabel="training loss", title="loss", yscale="log" if loss and min(loss) > 0 else "linear"
-    )
+    _plot_loss(ax_loss, loss, "loss")
     accuracy = [a for a in metrics.get("test_accuracy", []) if a is not None]
     if accuracy:
         ax_acc.plot(range(1, len(accuracy) + 1), accuracy, marker="o")
