@@ -47,7 +47,7 @@ def main(config_path: str, rank: int | None) -> None:
     from pangea.train import plans, server
     from pangea.train.data import steps_per_epoch
     from pangea.train.sources import load_data
-    from pangea.train.tasks import get_task
+    from pangea.train.tasks import classify_loss, get_task, lm_loss
     from pangea.train.training import evaluations_due, lr_at, make_optimizer, total_rounds
 
     settings = TrainSettings(**config["train"])
@@ -65,6 +65,7 @@ def main(config_path: str, rank: int | None) -> None:
         checkpoint.mkdir(parents=True, exist_ok=True)
         (checkpoint / f"rank{rank}.pid").write_text(str(os.getpid()))
     task = get_task(settings.task)
+    mean_loss = lm_loss if task.is_lm else classify_loss  # DDP averages per-rank means: the built-in tasks' means
     data = load_data(
         settings.task,
         settings.dataset,
@@ -100,7 +101,7 @@ def main(config_path: str, rank: int | None) -> None:
         batch_rows = sum(r[0][1] - r[0][0] for r in shards.values())
         if b > a:
             x, y = data.batch(settings.seed, size, g, a, b)
-            loss = task.loss(ddp(torch.from_numpy(x)), torch.from_numpy(y)) * (k * (b - a) / batch_rows)
+            loss = mean_loss(ddp(torch.from_numpy(x)), torch.from_numpy(y)) * (k * (b - a) / batch_rows)
         else:  # more ranks than rows: contribute zeros to the all-reduce
             x, _ = data.batch(settings.seed, size, g, 0, 1)
             loss = ddp(torch.from_numpy(x)).sum() * 0.0

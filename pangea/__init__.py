@@ -19,3 +19,19 @@ import os
 
 os.environ.setdefault("MKL_CBWR", "AUTO")
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
+# Pangea from Python (`pangea.fit`, ...), imported when first used: `import pangea` stays light.
+_API = ("fit", "reference", "verify", "Run")
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from pangea.app import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'pangea' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

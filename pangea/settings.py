@@ -21,6 +21,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pangea.errors import SettingsError
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# User code: an importable `module:attribute` (the attribute may be dotted, Class.method), or an
+# object `pangea.fit` pickled by value (a model or step defined in a notebook or __main__), named
+# by the sha256 of its bytes.
+USER_CODE = r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*|pickle:[0-9a-f]{64}"
 
 
 class _Base(BaseSettings):
@@ -81,6 +85,11 @@ class BusSettings(_Base):
     net_delay: float = Field(
         0.0, ge=0, description="artificial delay in seconds before each publish of a message group (models a slow link)"
     )
+    allow_pickled_code: bool = Field(
+        False,
+        description="run a job's model, step or optimizer shipped as pickled code through the bus (pickle:<sha256>, "
+        "from pangea.fit): whoever may write the job's object store can then run code here",
+    )
 
     @field_validator("http_port", mode="before")
     @classmethod
@@ -105,13 +114,23 @@ class TrainSettings(_Base):
 
     task: str = Field(
         "classify",
-        pattern=r"^(classify|lm|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
-        description="classify (cross-entropy, accuracy), lm (next-token, bits per token) or module:function (a loss)",
+        pattern=rf"^(classify|lm|{USER_CODE})$",
+        description="classify (cross-entropy, accuracy), lm (next-token, bits per token) or module:function "
+        "(a loss of (output, target), the mean over the batch)",
+    )
+    step: str = Field(
+        "",
+        pattern=rf"^({USER_CODE})?$",
+        description="module:function: step(model, batch) -> (loss_sum, count), the loss summed over the shard's "
+        "counted targets and their number (default: the task's step)",
     )
     dataset: str = Field(
         "digits", description="`digits` or an .npz with x_train, y_train, x_test, y_test; for lm a .txt or uint16 .bin"
     )
-    model: str = Field("mlp", description="`mlp`, `cnn`, `gpt` or `module:factory` returning a torch.nn.Module")
+    model: str = Field(
+        "mlp",
+        description="`mlp`, `cnn`, `gpt` or `module:factory` returning a torch.nn.Module",
+    )
     hidden: str = Field("128", description="hidden layer widths of `mlp`, comma-separated")
     context: int = Field(128, ge=1, description="lm: tokens per window (the model's context)")
     vocab: int = Field(0, ge=0, le=65536, description="lm: vocabulary of a .bin (0: 256 for .txt, else <file>.vocab)")
@@ -129,7 +148,12 @@ class TrainSettings(_Base):
     lr: float = Field(0.05, gt=0, description="learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
-    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="server-side optimizer")
+    optimizer: str = Field(
+        "sgd",
+        pattern=rf"^(sgd|adam|adamw|{USER_CODE})$",
+        description="server-side optimizer: sgd, adam, adamw, or module:factory, factory(model) returning a "
+        "torch.optim.Optimizer over the model's trainable parameters (parameter groups allowed)",
+    )
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="learning rate over the run: constant, or cosine decay to lr/10 after the warmup"
     )
@@ -137,7 +161,16 @@ class TrainSettings(_Base):
     clip_grad: float = Field(
         0.0, ge=0, description="clip the mean gradient to this global L2 norm before each step (0: off)"
     )
-    seed: int = Field(0, ge=0, description="seed of model init and batch order")
+    seed: int = Field(0, ge=0, description="seed of model init, batch order and each step's random draws (dropout)")
+    micro_batch: int = Field(
+        0, ge=0, description="accumulate a shard's gradient over pieces of at most this many rows (0: the whole shard)"
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="forward and backward under bf16 autocast (parameters and optimizer stay fp32)"
+    )
+    code_dir: Path | None = Field(
+        None, description="where user code given as pickle:<sha256> is kept (pangea.fit writes it there)"
+    )
     compression: Literal["none", "fp16", "bf16", "int8", "topk"] = Field(
         "none", description="gradient compression on the wire (lossy ones use error feedback; none is exact)"
     )
@@ -275,6 +308,9 @@ class WorkerSettings(BusSettings):
     """A worker needs only the job name and the bus: the rest comes from the job spec."""
 
     worker_id: str | None = Field(None, pattern=NAME_PATTERN, description="worker id (default: host-pid)")
+    code_dir: Path | None = Field(
+        None, description="where user code given as pickle:<sha256> is kept (pangea.fit writes it there)"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for gradients")
     torch_threads: int = Field(
         0,

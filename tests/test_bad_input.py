@@ -57,7 +57,17 @@ def _grad(
     chunk = Chunk(0, 1, 0, total if total is not None else flat.size)
     return codec.encode(
         Gradient(
-            job, sender, round_, shard, num_samples, 0.5, round_, chunk, Tensor.from_numpy(values, name), generation
+            job,
+            sender,
+            round_,
+            shard,
+            num_samples,
+            0.5,
+            round_,
+            chunk,
+            Tensor.from_numpy(values, name),
+            generation,
+            count=float(num_samples),
         )
     )
 

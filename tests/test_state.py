@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from pangea.settings import ReferenceSettings, SettingsError
-from pangea.train import diloco
+from pangea.train import diloco, steps
 from pangea.train.layout import Layout
-from pangea.train.training import apply_mean, check_model, gradient, lr_at, make_optimizer
+from pangea.train.training import StepSettings, apply_mean, check_model, gradient, lr_at, make_optimizer
 
 
 def bn_net() -> nn.Module:
@@ -42,7 +42,8 @@ def test_a_gradient_message_carries_the_buffers_its_forward_left():
     model = bn_net()
     layout = Layout.of(model)
     x = torch.randn(8, 4)
-    flat, _ = gradient(model, layout, x, torch.zeros(8, dtype=torch.int64))
+    batch = {"x": x, "y": torch.zeros(8, dtype=torch.int64)}
+    flat = gradient(model, layout, batch, steps.classify, StepSettings(), (0, 0, 8)).values
     h = model[0](x).detach()  # what BatchNorm saw (the first Linear did not move)
     p = layout.param_numel
     np.testing.assert_allclose(flat[p : p + 3], 0.1 * h.mean(0).numpy(), atol=1e-6)  # momentum 0.1 from 0
@@ -67,10 +68,12 @@ def test_diloco_pseudo_gradients_carry_end_buffers_not_their_change():
     model = bn_net()
     layout = Layout.of(model)
     start = layout.flatten_params(model)
-    batches = [(torch.randn(6, 4), torch.zeros(6, dtype=torch.int64)) for _ in range(3)]
-    delta, _, samples = diloco.local_steps(model, layout, start, batches, "sgd", 0.1)
+    batches = [((h, 0, 6), {"x": torch.randn(6, 4), "y": torch.zeros(6, dtype=torch.int64)}) for h in range(3)]
+    delta, _, samples, count = diloco.local_steps(
+        model, layout, start, batches, "sgd", 0.1, steps.classify, StepSettings()
+    )
     end = layout.flatten_params(model)
-    assert samples == 18 and delta[-1] == 3.0  # three forwards
+    assert samples == 18 and count == 18 and delta[-1] == 3.0  # three forwards
     np.testing.assert_array_equal(delta[layout.param_numel :], end[layout.param_numel :])
     np.testing.assert_allclose(delta[: layout.param_numel], (start - end)[: layout.param_numel])
 

@@ -12,11 +12,10 @@ from pangea.bus import subjects
 from pangea.roles.jobspec import spec_from_settings
 from pangea.roles.worker import Worker
 from pangea.settings import OrchestratorSettings, WorkerSettings
-from pangea.train import kernels
+from pangea.train import kernels, steps
 from pangea.train.layout import Layout
 from pangea.train.models import build_model
-from pangea.train.tasks import classify_loss
-from pangea.train.training import gradient
+from pangea.train.training import StepSettings, gradient
 from pangea.wire import codec
 from pangea.wire.chunking import Assembler, split
 from pangea.wire.messages import Batch, Gradient, Params, Tensor
@@ -82,6 +81,9 @@ def test_the_worker_sends_its_shards_gradient_at_the_version_it_was_given():
 
     layout.load_params(model, start)  # the same computation by hand
     with kernels.threads(1):
-        expected, _ = gradient(model, layout, torch.from_numpy(x).clone(), torch.from_numpy(y).clone(), classify_loss)
-    np.testing.assert_array_equal(received.buffer, expected)
+        batch = {"x": torch.from_numpy(x).clone(), "y": torch.from_numpy(y).clone()}
+        expected = gradient(model, layout, batch, steps.classify, StepSettings(seed=SEED), (0, 0, 6))
+    np.testing.assert_array_equal(received.buffer, expected.values)
+    grad = codec.decode(bus.streams["grads"][0].payload, Gradient)
+    assert grad.count == 6 and grad.loss == expected.loss  # summed over 6 samples: their mean loss
     assert bus.kvs[subjects.members_bucket(JOB)] == {}  # it left: its heartbeat key is deleted

@@ -126,7 +126,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         async def export() -> None:
             async with Bus.opened(settings, "export") as bus:
-                rounds = await export_checkpoint(bus, Path(args.out))
+                rounds = await export_checkpoint(bus, Path(args.out), allow_pickle=settings.allow_pickled_code)
             print(f"wrote {args.out}: job {settings.job} after {rounds} rounds (load with model.load_state_dict)")
 
         return run_async(export)

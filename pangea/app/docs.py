@@ -33,6 +33,8 @@ _USERS = {
     "PANGEA_MIN_WORKERS": "orchestrator, run, autoscale (its own bound)",
     "PANGEA_MAX_WORKERS": "orchestrator, run, autoscale (its own bound)",
     "PANGEA_STORE_DIR": "run, replay",
+    "PANGEA_CODE_DIR": "run, reference, verify, orchestrator, worker (pangea.fit sets it)",
+    "PANGEA_ALLOW_PICKLED_CODE": "worker (pangea run and pangea.fit set it for their own workers)",
 }
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from pangea import settings as cfg
 
 TRAIN = (
-    "task dataset model hidden context vocab val_fraction eval_windows eval_every layers heads dim "
-    "epochs max_steps batch_size lr momentum weight_decay optimizer lr_schedule warmup_steps clip_grad "
-    "seed compression topk_fraction"
+    "task step dataset model hidden context vocab val_fraction eval_windows eval_every layers heads dim "
+    "epochs max_steps batch_size micro_batch precision lr momentum weight_decay optimizer lr_schedule "
+    "warmup_steps clip_grad seed compression topk_fraction"
 ).split()
 MODE = "mode local_steps inner_optimizer inner_lr outer_lr outer_momentum staleness".split()
 BUS = "nats_url job chunk_bytes storage".split()
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "worker",
         "run one worker: joins the job by subscribing",
         cfg.WorkerSettings,
-        ["worker_id", "device", "torch_threads"],
+        ["worker_id", "device", "torch_threads", "code_dir", "allow_pickled_code"],
         bus=True,
     )
     command(

@@ -10,6 +10,14 @@ With pull consumers a worker never subscribes to a batch subject: it asks its ow
 for the next message.  So "a worker reads only its own batches" means it may create and pull
 only the consumers named after it; "only the preprocessor publishes batches" and "only the
 orchestrator publishes parameters and plans" are plain publish permissions.
+
+Pickled user code (`pickle:<sha256>`, `pangea.roles.code`): only the orchestrator may write
+the job's code bucket, and no other role gets any permission on it, workers included.  A
+worker that reads code from the bus runs whatever the bucket holds (checked against its hash,
+but the hash comes from the same job), so under these permissions a worker takes pickled code
+from its local PANGEA_CODE_DIR only: `pangea run --secure` starts its workers on the machine
+that wrote the code, with that directory.  To let remote workers fetch it, grant them reading
+`OBJ_pangea_<job>_code` by hand (and PANGEA_ALLOW_PICKLED_CODE=true on each).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ def role_permissions(job: str, role: str, worker: str | None = None, shard: int 
             f"$KV.{subjects.job_bucket(job)}.>",
             f"$KV.{subjects.members_bucket(job)}.>",
             f"$O.{subjects.checkpoint_bucket(job)}.>",
+            f"$O.{subjects.code_bucket(job)}.>",  # pickled user code, for workers that may fetch it
         ]
         return {"publish": publish, "subscribe": [*_COMMON_SUBSCRIBE, subjects.grads(job), subjects.reduced(job)]}
     if role == "reducer":  # orchestrator shards: read plans and their gradient slice, publish its mean

@@ -108,7 +108,8 @@ class Streams:
                 await self.js.delete_key_value(bucket)
             except nats.js.errors.NotFoundError:
                 pass
-        try:
-            await self.js.delete_object_store(subjects.checkpoint_bucket(self.job))
-        except nats.js.errors.NotFoundError:
-            pass
+        for bucket in (subjects.checkpoint_bucket(self.job), subjects.code_bucket(self.job)):
+            try:
+                await self.js.delete_object_store(bucket)
+            except nats.js.errors.NotFoundError:
+                pass

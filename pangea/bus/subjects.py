@@ -79,5 +79,10 @@ def checkpoint_bucket(job: str) -> str:
     return f"pangea_{job}_checkpoint"
 
 
+def code_bucket(job: str) -> str:
+    """The job's Object Store bucket of pickled user code: object `<sha256>` holds `pickle:<sha256>`."""
+    return f"pangea_{job}_code"
+
+
 def worker_consumer(worker: str) -> str:
     return f"worker-{worker}"

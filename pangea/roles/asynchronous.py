@@ -15,6 +15,7 @@ and the accounting.  A worker that leaves has its batches in hand given to anoth
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -27,6 +28,7 @@ from pangea.errors import Diverged, Reason, Rejected
 from pangea.roles import intake
 from pangea.train.data import position
 from pangea.train.plans import batch_rows
+from pangea.train.training import learning_rates
 from pangea.wire import codec
 from pangea.wire.chunking import Assembler
 from pangea.wire.messages import GRADIENT_TENSOR, Gradient, RoundDone, RoundPlan, Shard
@@ -198,8 +200,10 @@ class AsyncTrainer:
             samples = 0
         else:
             self.staleness[tau] += 1
-            update = np.array(flat, dtype=np.float32)  # buffers as the worker left them, the gradient scaled
-            update[: o.server.layout.param_numel] *= np.float32(staleness_weight(tau))
+            # Buffers as the worker left them; the gradient of the loss sum over its count, scaled.
+            update = np.array(flat, dtype=np.float32)
+            scale = staleness_weight(tau) / grad.count if grad.count > 0 else 0.0
+            update[: o.server.layout.param_numel] *= np.float32(scale)
             o.server.step(update, self.version)
             if not all(bool(p.isfinite().all()) for p in o.server.layout.params(o.server.model)):
                 raise Diverged(
@@ -234,6 +238,13 @@ class AsyncTrainer:
         o.metrics.round_seconds.append(seconds)
         o.metrics.samples.append(samples)
         o.metrics.workers.append(len(self.live))
+        step = len(self.resolved) - 1
+        lrs = learning_rates(o.server.optimizer)
+        o.outbox.events.add_round(
+            step, loss=grad.loss, lrs=lrs, samples=samples, seconds=seconds, workers=len(self.live)
+        )
+        if not math.isnan(figure):
+            o.outbox.events.add_evaluation(step, o.metrics.final)
         o.metrics.staleness = {str(k): v for k, v in sorted(self.staleness.items())}
         telemetry.ROUNDS.inc()
         telemetry.SAMPLES.inc(samples)

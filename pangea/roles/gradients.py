@@ -58,7 +58,7 @@ class GradientIntake:
                 grad, plan, job=self.job, generation=generation, compression=self.compression,
                 assigned=self.assigned, members=members, late=self.late,
             )  # fmt: skip
-            acc.add(grad.shard, grad.num_samples, grad.loss, grad.chunk, intake.values(grad))
+            acc.add(grad.shard, grad.num_samples, grad.loss, grad.chunk, intake.values(grad), grad.count)
         except Rejected as exc:
             if exc.reason == Reason.NON_FINITE:
                 self.non_finite.setdefault(grad.shard, set()).add(grad.sender)

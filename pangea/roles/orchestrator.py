@@ -29,6 +29,7 @@ from pangea.bus.client import Bus
 from pangea.errors import Diverged, JobError, ModelError, Rejected
 from pangea.roles.asynchronous import AsyncTrainer
 from pangea.roles.checkpoints import CheckpointStore
+from pangea.roles.code import publish_code
 from pangea.roles.demand import Demand
 from pangea.roles.gradients import GradientIntake
 from pangea.roles.inbox import Inbox
@@ -44,10 +45,7 @@ from pangea.train.checkpoint import Checkpoint
 from pangea.train.data import position
 from pangea.train.outputs import Metrics, write_outputs
 from pangea.train.server import Server
-from pangea.train.training import (
-    epochs_ended,
-    evaluations_due,
-)
+from pangea.train.training import epochs_ended, evaluations_due, learning_rates
 from pangea.wire import codec
 from pangea.wire.chunking import split
 from pangea.wire.messages import Params, RoundDone, RoundPlan, Shard, Tensor
@@ -121,8 +119,12 @@ class Orchestrator:
             layout_hash=self.server.layout.hash,
             total_rounds=self.server.total_rounds,
             vocab=self.server.data.num_classes if self.server.task.is_lm else 0,
+            param_numel=self.server.layout.param_numel,
         )
         kv = await self.bus.kv(subjects.job_bucket(self.job))
+        # Pickled user code before the spec that names it: a worker that reads the spec finds it.
+        s = self.settings
+        await publish_code(self.bus, [s.model, s.step, s.optimizer, s.task], s.code_dir)
         # Each orchestrator that runs the job is a new generation: its plans and parameters
         # supersede those of a predecessor, even for a round number it already reached.
         previous = await self.bus.kv_get(subjects.job_bucket(self.job), subjects.JobKey.GENERATION)
@@ -172,7 +174,7 @@ class Orchestrator:
         if ckpt.layout_hash != self.server.layout.hash:
             raise ModelError(f"the checkpoint of job {self.job!r} is for another model layout")
         self.server.layout.load_params(self.server.model, ckpt.params)
-        self.server.optimizer.load_state_dict(ckpt.optimizer)
+        self.server.load_optimizer(ckpt.optimizer)
         counted = self.metrics.rejected  # before the checkpoint's (none yet, as a rule)
         self.metrics = Metrics(**ckpt.metrics)
         for reason, n in counted.items():
@@ -202,6 +204,11 @@ class Orchestrator:
 
     async def run(self) -> Metrics:
         first = await self.start()
+        tokens = self.server.data.targets_per_sample if self.server.task.is_lm else 1
+        with self.outbox.open_events(self.settings.out, first, tokens):
+            return await self._run(first)
+
+    async def _run(self, first: int) -> Metrics:
         started = time.perf_counter() - self.metrics.total_seconds
         if first < self.server.total_rounds:
             # Parameters first: a worker is ready (may be planned) once it holds them, so
@@ -306,7 +313,14 @@ class Orchestrator:
         sizes = {i: sum(b - a for a, b in rows) for i, (_, rows) in enumerate(cut)}
 
         robust = self.settings.aggregator != "mean" or self.settings.clip_norm > 0
-        acc = RoundAccumulator(r, self.slices.size(0), sizes, keep_rows=robust)
+        acc = RoundAccumulator(
+            r,
+            self.slices.size(0),
+            sizes,
+            keep_rows=robust,
+            params_end=self.server.layout.param_numel,  # slice 0 starts the vector
+            summed=self.settings.mode != "diloco",
+        )
         self.slices.new_round(r)
         await self.collect(plan, acc, unplanned)
         await self.outbox.plans_stored()
@@ -350,8 +364,17 @@ class Orchestrator:
         self.deadline.round_ended(seconds, acc.complete)
         self.metrics.samples.append(acc.complete_samples())
         self.metrics.workers.append(len(shards))
+        self.outbox.events.add_round(
+            r,
+            loss=acc.loss(),
+            lrs=learning_rates(self.server.optimizer),
+            samples=acc.complete_samples(),
+            seconds=seconds,
+            workers=len(shards),
+        )
         if figures:
             self.metrics.add_evaluation(r, figures, ended)
+            self.outbox.events.add_evaluation(r, figures)
         every = self.settings.checkpoint_every
         if every and (r + 1) % every == 0 and r + 1 < self.server.total_rounds:
             # After the broadcast, stored while round r+1 runs: a successor resumes from it, or from

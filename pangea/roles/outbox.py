@@ -1,18 +1,21 @@
-"""What the orchestrator tells the other roles besides parameters: round plans, each round's
-progress and the autoscaling signal.  Plans of a round whose batches are already out, and a
-finished round's progress, are stored while the round loop goes on (off the critical path);
-each is awaited before whatever must come after it.  One part of the orchestrator."""
+"""What the orchestrator tells the other roles and the people watching, besides parameters: round
+plans, each round's progress (on the bus, and in TensorBoard event files in the run's directory)
+and the autoscaling signal.  Plans of a round whose batches are already out, and a finished
+round's progress, are stored while the round loop goes on (off the critical path); each is
+awaited before whatever must come after it.  One part of the orchestrator."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from pathlib import Path
 
 from pangea import telemetry
 from pangea.bus import subjects
 from pangea.bus.client import Bus
 from pangea.roles.demand import Demand
+from pangea.train.events import EventLog
 from pangea.wire import codec
 from pangea.wire.messages import RoundPlan
 
@@ -26,6 +29,12 @@ class Outbox:
         self.ahead: tuple[RoundPlan, list] | None = None  # the next round's plan, published ahead, and its cut
         self._planning: asyncio.Task | None = None  # plans being stored
         self._reporting: asyncio.Task | None = None  # the last round's progress, being stored
+        self.events: EventLog | None = None  # the run's TensorBoard event files, once the first round is known
+
+    def open_events(self, directory: Path, first_round: int, targets_per_sample: int) -> EventLog:
+        """Start the run's event files (a resumed run's drop what an earlier writer wrote from `first_round` on)."""
+        self.events = EventLog(directory, first_round=first_round, targets_per_sample=targets_per_sample)
+        return self.events
 
     async def publish_plan(self, *plans: RoundPlan) -> None:
         """Store plans on the plans stream, in order (after any being stored in the background)."""

@@ -40,6 +40,7 @@ class DatasetSource:
         self.data = load_data(
             spec.task or "classify",
             dataset_path,
+            step=spec.step,
             context=spec.context,
             vocab=spec.vocab,
             val_fraction=spec.val_fraction,
@@ -52,15 +53,15 @@ class DatasetSource:
         self.num_samples = self.data.num_samples
         log.info("serving %d training samples of %s", self.num_samples, self.data.name)
 
-    async def global_batch(self, plan: RoundPlan) -> tuple[np.ndarray, np.ndarray]:
+    async def global_batch(self, plan: RoundPlan) -> dict[str, np.ndarray]:
         rows = batch_rows(self.num_samples, self.spec.batch_size, plan.step)
         if rows != plan.batch_size:
             raise DataError(f"plan {plan.round} asks for {plan.batch_size} rows, global batch has {rows}")
         return self.at(plan.epoch * steps_per_epoch(self.num_samples, self.spec.batch_size) + plan.step)
 
-    def at(self, global_step: int) -> tuple[np.ndarray, np.ndarray]:
-        """Global batch number `global_step` of the run (diloco rounds cover several)."""
-        return self.data.batch(self.spec.seed, self.spec.batch_size, global_step, 0, self.spec.batch_size)
+    def at(self, global_step: int) -> dict[str, np.ndarray]:
+        """Global batch number `global_step` of the run (diloco rounds cover several), by name."""
+        return self.data.rows(self.spec.seed, self.spec.batch_size, global_step, 0, self.spec.batch_size)
 
 
 class StreamSource:
@@ -71,9 +72,9 @@ class StreamSource:
         self.source = source_job
         self.pending: dict[int, dict[int, Batch]] = {}  # round -> shard start -> shard
         self.puller = None
-        self._served: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # the last rounds served, for re-issues
+        self._served: dict[int, dict[str, np.ndarray]] = {}  # the last rounds served, for re-issues
 
-    async def global_batch(self, plan: RoundPlan) -> tuple[np.ndarray, np.ndarray]:
+    async def global_batch(self, plan: RoundPlan) -> dict[str, np.ndarray]:
         if self.puller is None:
             # From the start every time: a restarted preprocessor rebuilds the round it was on.
             await self.bus.delete_consumer("batches", f"replay-{self.bus.job}", job=self.source)
@@ -103,10 +104,10 @@ class StreamSource:
             if batch.round >= r:
                 self.pending.setdefault(batch.round, {}).setdefault(batch.start, batch)
         shards = sorted(self.pending.pop(r).values(), key=lambda b: b.start)
-        x, y = np.concatenate([b.x.numpy() for b in shards]), np.concatenate([b.y.numpy() for b in shards])
+        rows = {name: np.concatenate([b.tensors[name].numpy() for b in shards]) for name in shards[0].tensors}
         self._served = {k: v for k, v in self._served.items() if k >= r - 1}
-        self._served[r] = (x, y)
-        return x, y
+        self._served[r] = rows
+        return rows
 
     def _covered(self, r: int, rows: int) -> bool:
         end = 0
@@ -115,6 +116,13 @@ class StreamSource:
                 return False
             end = self.pending[r][start].stop
         return end == rows
+
+
+def _tensors(rows: dict[str, np.ndarray], start: int, stop: int) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """Rows [start, stop) of a global batch as the Batch's x, y and other named tensors."""
+    x, y = (Tensor.from_numpy(rows[name][start:stop], name) for name in ("x", "y"))
+    extra = tuple(Tensor.from_numpy(a[start:stop], name) for name, a in rows.items() if name not in ("x", "y"))
+    return x, y, extra
 
 
 class Preprocessor:
@@ -162,11 +170,12 @@ class Preprocessor:
     async def publish_round(self, plan: RoundPlan) -> None:
         if max(1, plan.inner_steps) > 1:
             return await self.publish_local_round(plan)
-        x, y = await self.source.global_batch(plan)
+        rows = await self.source.global_batch(plan)
         chosen = plan.reissue if plan.attempt else range(len(plan.shards))
         items = []
         for i in chosen:
             shard = plan.shards[i]
+            x, y, extra = _tensors(rows, shard.start, shard.stop)
             batch = Batch(
                 self.job,
                 SENDER,
@@ -177,9 +186,10 @@ class Preprocessor:
                 i,
                 shard.start,
                 shard.stop,
-                Tensor.from_numpy(x[shard.start : shard.stop], "x"),
-                Tensor.from_numpy(y[shard.start : shard.stop], "y"),
+                x,
+                y,
                 plan.generation,
+                extra=extra,
             )
             msg_id = f"batch:{plan.generation}:{plan.round}:{i}:{plan.attempt}"
             items.append((subjects.batches(self.job, shard.worker), codec.encode(batch), msg_id))
@@ -197,10 +207,11 @@ class Preprocessor:
         chosen = plan.reissue if plan.attempt else range(len(plan.shards))
         items = []
         for h in range(plan.inner_steps):
-            x, y = self.source.at(first + h)
+            rows = self.source.at(first + h)
             for i in chosen:
                 worker = plan.shards[i].worker
                 a, b = shard_rows(n, size, first + h, len(plan.shards), i)
+                x, y, extra = _tensors(rows, a, b)
                 batch = Batch(
                     self.job,
                     SENDER,
@@ -211,11 +222,12 @@ class Preprocessor:
                     i,
                     a,
                     b,
-                    Tensor.from_numpy(x[a:b], "x"),
-                    Tensor.from_numpy(y[a:b], "y"),
+                    x,
+                    y,
                     plan.generation,
                     h,
                     plan.inner_steps,
+                    extra=extra,
                 )
                 msg_id = f"batch:{plan.generation}:{plan.round}:{i}:{plan.attempt}:{h}"
                 items.append((subjects.batches(self.job, worker), codec.encode(batch), msg_id))

@@ -137,7 +137,14 @@ class Reducer:
         lo, hi = self.span
         self.round = RoundInHand(
             plan,
-            RoundAccumulator(plan.round, hi - lo, {i: s.size for i, s in enumerate(plan.shards)}),
+            RoundAccumulator(
+                plan.round,
+                hi - lo,
+                {i: s.size for i, s in enumerate(plan.shards)},
+                # The slice's elements before the buffers: an older spec (0) had parameters only.
+                params_end=(self.spec.param_numel or self.spec.num_params) - lo,
+                summed=self.spec.mode != "diloco",
+            ),
         )
         self.gradients.new_round(plan)
 

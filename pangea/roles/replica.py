@@ -4,6 +4,8 @@ DiLoCo, its local steps' pseudo-gradient), cut into the chunks and compressed as
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +16,7 @@ from pangea.train import diloco, kernels
 from pangea.train.layout import Layout
 from pangea.train.models import build_for
 from pangea.train.tasks import get_task
-from pangea.train.training import gradient
+from pangea.train.training import ShardResult, StepSettings, gradient
 from pangea.wire.chunking import bounds, split
 from pangea.wire.compress import ErrorFeedback
 from pangea.wire.messages import GRADIENT_TENSOR, Batch, Chunk, JobSpec, Tensor
@@ -31,12 +33,16 @@ def pick_device(choice: str) -> torch.device:
 class Replica:
     """The job's model built here, checked against the orchestrator's layout."""
 
-    def __init__(self, spec: JobSpec, settings: WorkerSettings, device: torch.device) -> None:
+    def __init__(
+        self, spec: JobSpec, settings: WorkerSettings, device: torch.device, code_dir: Path | None = None
+    ) -> None:
         self.spec = spec
         self.settings = settings
         self.device = device
-        self.model = build_for(spec).to(device)
-        self.loss = get_task(spec.task or "classify").loss
+        allow = settings.allow_pickled_code
+        self.model = build_for(spec, code_dir=code_dir, allow_pickle=allow).to(device)
+        self.task = get_task(spec.task or "classify", spec.step, code_dir=code_dir, allow_pickle=allow)
+        self.how = StepSettings.of(spec)
         self.model.train()
         self.layout = Layout.of(self.model)
         if self.layout.hash != spec.layout_hash:
@@ -60,26 +66,31 @@ class Replica:
         if delay:
             time.sleep(delay)
 
-    def gradient(self, batch: Batch) -> tuple[np.ndarray, float]:
+    def gradient(self, batch: Batch) -> ShardResult:
+        """The shard's step: the gradient of its loss sum, its mean loss and counted targets."""
         self._test_delay(batch.stop - batch.start)
-        flat, loss = gradient(self.model, self.layout, *self._inputs(batch), self.loss)
+        key = (batch.round, batch.start, batch.stop)  # a sync or async round is one global batch
+        result = gradient(self.model, self.layout, self._inputs(batch), self.task.step, self.how, key, self.task.label)
         if self.settings.test_attack == "scale":  # test only: a poisoned gradient
-            flat = flat * -20.0
+            result = replace(result, values=result.values * -20.0)
         elif self.settings.test_attack == "random":
-            flat = np.random.default_rng().normal(scale=10.0, size=flat.shape).astype(np.float32)
-        return flat, loss
+            noise = np.random.default_rng().normal(scale=10.0, size=result.values.shape).astype(np.float32)
+            result = replace(result, values=noise)
+        return result
 
-    def local_steps(self, batches: list[Batch]) -> tuple[np.ndarray, float, int]:
-        """diloco: the round's inner steps from the round's parameters; the pseudo-gradient."""
+    def local_steps(self, batches: list[Batch]) -> tuple[np.ndarray, float, int, float]:
+        """diloco: the round's inner steps from the round's parameters; the pseudo-gradient, the
+        mean loss, samples and counted targets."""
         self._test_delay(sum(b.stop - b.start for b in batches))
-        data = [self._inputs(b) for b in batches]
         spec = self.spec
+        data = [((b.round * spec.local_steps + b.inner, b.start, b.stop), self._inputs(b)) for b in batches]
         return diloco.local_steps(
-            self.model, self.layout, self.start, data, spec.inner_optimizer, spec.inner_lr, self.loss
-        )
+            self.model, self.layout, self.start, data, spec.inner_optimizer, spec.inner_lr, self.task.step, self.how,
+            self.task.label,
+        )  # fmt: skip
 
-    def _inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernels.as_input(batch.x.torch(), self.device), kernels.as_input(batch.y.torch(), self.device)
+    def _inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {name: kernels.as_input(t.torch(), self.device) for name, t in batch.tensors.items()}
 
     # ------------------------------------------------------------------ what goes on the wire
 

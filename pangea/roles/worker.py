@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pangea import telemetry
 from pangea.bus import subjects
 from pangea.bus.client import Bus
+from pangea.roles.code import fetch_code
 from pangea.roles.follower import ParamsFollower
 from pangea.roles.jobspec import wait_for_job_spec
 from pangea.roles.replica import Replica, pick_device
@@ -76,7 +77,10 @@ class Worker:
         kernels.set_threads(self.settings.torch_threads)
         self.compute = kernels.compute_thread(self.settings.torch_threads)  # the kernels it reports
         spec = await wait_for_job_spec(self.bus)
-        self.replica = Replica(spec, self.settings, pick_device(self.settings.device))
+        code_dir = await fetch_code(
+            self.bus, [spec.model, spec.step, spec.task], self.settings.code_dir, self.settings.allow_pickled_code
+        )
+        self.replica = Replica(spec, self.settings, pick_device(self.settings.device), code_dir)
         self.params = ParamsFollower(self.bus, self.replica.layout.hash, self.replica.layout.numel, self.replica.load)
         durable = subjects.worker_consumer(self.id)
         self.batches = await self.bus.pull(
@@ -226,9 +230,10 @@ class Worker:
         try:
             loop = asyncio.get_running_loop()
             if self.spec.mode == "diloco":
-                flat, loss, samples = await loop.run_in_executor(self.compute, self.replica.local_steps, batches)
+                flat, loss, samples, count = await loop.run_in_executor(self.compute, self.replica.local_steps, batches)
             else:
-                flat, loss = await loop.run_in_executor(self.compute, self.replica.gradient, batches[0])
+                result = await loop.run_in_executor(self.compute, self.replica.gradient, batches[0])
+                flat, loss, count = result.values, result.loss, result.count
                 samples = batches[0].stop - batches[0].start
         finally:
             keepalive.cancel()
@@ -252,6 +257,7 @@ class Worker:
                     self.spec.compression,
                     scale,
                     indices,
+                    count=count,
                 )
                 # Per worker: a re-issued shard's chunks from its new worker must be stored even
                 # where the first worker's were (the orchestrator counts each chunk once), or

@@ -1,7 +1,17 @@
-"""The sample-weighted mean of one round's shard gradients, reduced chunk by chunk.
+"""One round's mean gradient from its shards' contributions, reduced chunk by chunk.
 
 Pure numpy, no I/O: memory is one float64 accumulator whatever the number of workers.
 Every refusal raises `Rejected` with a short machine-readable reason.
+
+What a shard contributes, and how it is weighted:
+
+- the parameter part (the first `params_end` elements): with `summed` (sync and async rounds)
+  the gradient of the shard's loss summed over its `count` counted targets, and the mean is
+  `sum of gradients / sum of counts`: the gradient of the global batch's mean over counted
+  targets, for any number of shards (masked tokens and padding included).  Without `summed`
+  (diloco's pseudo-gradients, or a caller that has means) a mean, weighted by its count;
+- the buffer part (BatchNorm running statistics, see `Layout`): the buffers as the shard's
+  forward left them, weighted by the shard's rows, since each row went through the forward.
 """
 
 from __future__ import annotations
@@ -15,22 +25,37 @@ from pangea.wire.messages import Chunk
 
 
 class RoundAccumulator:
-    """Streaming sum of n_k * g_k over the shards of one round; `mean()` once complete."""
+    """Streaming sum of the shards' contributions to one round; `mean()` once complete."""
 
-    def __init__(self, round_: int, numel: int, shard_sizes: dict[int, int], keep_rows: bool = False) -> None:
+    def __init__(
+        self,
+        round_: int,
+        numel: int,
+        shard_sizes: dict[int, int],
+        keep_rows: bool = False,
+        *,
+        params_end: int | None = None,
+        summed: bool = False,
+    ) -> None:
         self.round = round_
         # Robust aggregators need every shard's whole gradient, not only the running sum.
         self._rows: dict[int, np.ndarray] | None = {} if keep_rows else None
         self.numel = numel
+        self.params_end = numel if params_end is None else max(0, min(numel, params_end))
+        self.summed = summed
         self.shard_sizes = dict(shard_sizes)
         self.total_samples = sum(shard_sizes.values())
         self._sum = np.zeros(numel, dtype=np.float64)
         self._chunk_counts: dict[int, int] = {}
+        self._counts: dict[int, float] = {}  # shard -> its counted targets, fixed by its first chunk
         self._seen: dict[int, set[int]] = {s: set() for s in shard_sizes}
         self._loss: dict[int, float] = {}
 
-    def add(self, shard: int, num_samples: int, loss: float, chunk: Chunk, values: np.ndarray) -> None:
-        """Add one chunk of one shard's gradient (the mean over that shard's samples)."""
+    def add(
+        self, shard: int, num_samples: int, loss: float, chunk: Chunk, values: np.ndarray, count: float | None = None
+    ) -> None:
+        """Add one chunk of one shard's contribution: `count` counted targets (default: its rows)
+        behind `values`, whose mean loss over them is `loss`."""
         if shard not in self.shard_sizes:
             raise Rejected(Reason.UNKNOWN_SHARD, f"round {self.round} has no shard {shard}")
         if num_samples != self.shard_sizes[shard]:
@@ -49,16 +74,30 @@ class RoundAccumulator:
             raise Rejected(Reason.DUPLICATE, f"round {self.round} shard {shard} chunk {chunk.index} already counted")
         if not np.isfinite(values).all() or not np.isfinite(loss):
             raise Rejected(Reason.NON_FINITE, f"round {self.round} shard {shard} chunk {chunk.index} has NaN/Inf")
-        stop = chunk.offset + values.shape[0]
-        # In-place multiply-add into the float64 sum: no temporary of the chunk's size in float64.
-        np.add(
-            self._sum[chunk.offset : stop], values.astype(np.float64) * num_samples, out=self._sum[chunk.offset : stop]
-        )
+        count = float(num_samples if count is None else count)
+        if not (np.isfinite(count) and count >= 0):
+            raise Rejected(Reason.WRONG_SAMPLES, f"shard {shard} claims {count} counted targets")
+        if self._counts.get(shard, count) != count:  # every chunk of a shard says the same
+            raise Rejected(
+                Reason.WRONG_SAMPLES, f"shard {shard} counted {self._counts[shard]} targets, this chunk says {count}"
+            )
+        start, stop = chunk.offset, chunk.offset + values.shape[0]
+        middle = min(max(self.params_end, start), stop)  # where the chunk's buffer part begins
+        self._add(start, middle, values[: middle - start], 1.0 if self.summed else count)
+        self._add(middle, stop, values[middle - start :], num_samples)
         if self._rows is not None:
-            self._rows.setdefault(shard, np.zeros(self.numel, np.float32))[chunk.offset : stop] = values
+            self._rows.setdefault(shard, np.zeros(self.numel, np.float32))[start:stop] = values
         self._chunk_counts[shard] = chunk.count  # only an accepted chunk fixes the shard's count
+        self._counts[shard] = count
         self._seen[shard].add(chunk.index)
         self._loss[shard] = float(loss)
+
+    def _add(self, start: int, stop: int, values: np.ndarray, weight: float) -> None:
+        """In-place multiply-add into the float64 sum: no temporary of the chunk's size in float64."""
+        if stop > start:
+            target = self._sum[start:stop]
+            scaled = values.astype(np.float64) if weight == 1.0 else values.astype(np.float64) * weight
+            np.add(target, scaled, out=target)
 
     def missing(self) -> list[int]:
         """Shards not yet complete."""
@@ -68,47 +107,63 @@ class RoundAccumulator:
     def complete(self) -> bool:
         return not self.missing()
 
+    @property
+    def total_count(self) -> float:
+        """Counted targets of the shards heard from."""
+        return sum(self._counts.values())
+
     def mean(self) -> np.ndarray:
-        """The sample-weighted mean gradient, float32.  Once per round, in the float64 sum's own
-        memory: no second vector exists at the peak (see `_downcast_in_place`)."""
+        """The mean, float32.  Once per round, in the float64 sum's own memory: no second vector
+        exists at the peak (see `_downcast_in_place`).  A round whose shards counted no target at
+        all has a zero gradient."""
         if not self.complete:
             raise RuntimeError(f"round {self.round} is missing shards {self.missing()}")
         if self._sum is None:
             raise RuntimeError(f"the mean of round {self.round} was already taken")
         total, self._sum = self._sum, None
-        np.divide(total, self.total_samples, out=total)
+        p = self.params_end
+        if self.total_count > 0:
+            np.divide(total[:p], self.total_count, out=total[:p])
+        if p < self.numel:
+            np.divide(total[p:], self.total_samples, out=total[p:])
         return _downcast_in_place(total)
 
     def loss(self) -> float:
-        """The sample-weighted mean of the shards' mean losses (over the shards heard from)."""
-        heard = {s: n for s, n in self.shard_sizes.items() if s in self._loss}
-        return sum(self._loss[s] * n for s, n in heard.items()) / max(1, sum(heard.values()))
+        """The mean loss over the counted targets of the shards heard from."""
+        weights = {s: self._counts[s] for s in self._loss}
+        total = sum(weights.values())
+        return sum(self._loss[s] * w for s, w in weights.items()) / total if total > 0 else 0.0
 
     def robust(self, aggregator: str, byzantine: int, clip_norm: float) -> np.ndarray:
-        """Combine the complete shards' gradients with a robust aggregator (after clipping)."""
+        """Combine the complete shards' gradients with a robust aggregator (after clipping): each
+        shard's mean over its counted targets, weighted by its count."""
         if self._rows is None:
             raise RuntimeError("robust aggregation needs keep_rows=True")
         done = [s for s in self.shard_sizes if s not in self.missing()]
         rows = np.stack([self._rows[s] for s in done]).astype(np.float64)
+        counts = np.array([self._counts[s] for s in done], dtype=np.float64)
+        if self.summed:
+            rows[:, : self.params_end] /= np.maximum(counts, 1e-300)[:, None]
         if clip_norm > 0:
             rows = robust.clip(rows, clip_norm)
-        weights = np.array([self.shard_sizes[s] for s in done], dtype=np.float64)
-        return robust.combine(rows, weights, aggregator, byzantine).astype(np.float32)
+        return robust.combine(rows, counts, aggregator, byzantine).astype(np.float32)
 
     def complete_samples(self) -> int:
         """Samples of the shards whose whole gradient arrived."""
         return sum(self.shard_sizes[s] for s in self.shard_sizes if s not in self.missing())
 
     def partial_mean(self) -> np.ndarray:
-        """Quorum close: each element averaged over the samples whose chunk for it arrived.
+        """Quorum close: each element averaged over the shards whose chunk for it arrived.
 
         Equals `mean()` when the round is complete; elements no shard delivered get 0.
         """
         weights = np.zeros(self.numel, dtype=np.float64)
+        p = self.params_end
         for shard, seen in self._seen.items():
             for index in seen:
                 start, stop = chunking.bounds(self.numel, self._chunk_counts[shard], index)
-                weights[start:stop] += self.shard_sizes[shard]
+                weights[start : min(stop, p)] += self._counts[shard]
+                weights[max(start, p) : stop] += self.shard_sizes[shard]
         out = np.zeros(self.numel, dtype=np.float64)
         np.divide(self._sum, weights, out=out, where=weights > 0)
         return out.astype(np.float32)

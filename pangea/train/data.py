@@ -7,8 +7,9 @@ that is what makes distributed training comparable with the single-process refer
 from __future__ import annotations
 
 import math
+import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,9 @@ _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 class Dataset:
     """Samples that fit in memory: train and test arrays (`pangea.train.tokens.TokenData` is the other kind).
 
-    Both kinds offer the same: `num_samples` per epoch, `batch()` (rows of a global batch),
-    `eval_batches()`, `input_shape`, `num_classes`, `targets_per_sample`.
+    Both kinds offer the same: `num_samples` per epoch, `rows()` (rows of a global batch as named
+    arrays: `x`, `y` and any others), `eval_rows()`, `input_shape`, `num_classes`,
+    `targets_per_sample`.
     """
 
     name: str
@@ -33,6 +35,8 @@ class Dataset:
     y_train: np.ndarray  # int64 class labels (n,), or any targets for a user task
     x_test: np.ndarray
     y_test: np.ndarray
+    extra_train: dict[str, np.ndarray] = field(default_factory=dict)  # other named arrays, one row per sample
+    extra_test: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -52,18 +56,29 @@ class Dataset:
     targets_per_sample = 1
     bytes_per_token = None
 
+    def rows(self, seed: int, batch_size: int, global_step: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of global batch `global_step`, by name: `x`, `y`, then the others."""
+        n = self.num_samples
+        idx = global_batch(n, batch_size, seed, *position(global_step, n, batch_size))[start:stop]
+        return {"x": self.x_train[idx], "y": self.y_train[idx], **{k: v[idx] for k, v in self.extra_train.items()}}
+
     def batch(
         self, seed: int, batch_size: int, global_step: int, start: int, stop: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Rows [start, stop) of global batch `global_step`: (x, y)."""
-        n = self.num_samples
-        idx = global_batch(n, batch_size, seed, *position(global_step, n, batch_size))[start:stop]
-        return self.x_train[idx], self.y_train[idx]
+        rows = self.rows(seed, batch_size, global_step, start, stop)
+        return rows["x"], rows["y"]
+
+    def eval_rows(self, size: int = 4096):
+        """The test set in batches of named arrays."""
+        for i in range(0, len(self.x_test), size):
+            part = slice(i, i + size)
+            yield {"x": self.x_test[part], "y": self.y_test[part], **{k: v[part] for k, v in self.extra_test.items()}}
 
     def eval_batches(self, size: int = 4096):
         """The test set in batches: (x, y)."""
-        for i in range(0, len(self.x_test), size):
-            yield self.x_test[i : i + size], self.y_test[i : i + size]
+        for rows in self.eval_rows(size):
+            yield rows["x"], rows["y"]
 
 
 def load_dataset(spec: str, labels: bool = True) -> Dataset:
@@ -99,7 +114,7 @@ def _npz(path: Path, labels: bool = True) -> Dataset:
             missing = [k for k in _NPZ_KEYS if k not in f.files]
             if missing:
                 raise DataError(f"{path} lacks {', '.join(missing)} (needs {', '.join(_NPZ_KEYS)})")
-            arrays = {k: f[k] for k in _NPZ_KEYS}
+            arrays = {k: f[k] for k in f.files}
     except DataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
@@ -120,13 +135,47 @@ def _npz(path: Path, labels: bool = True) -> Dataset:
         if arrays[a].shape[1:] != arrays[b].shape[1:]:
             raise DataError(f"{path}: {a} and {b} sample shapes differ")
     y_type = np.int64 if labels or np.issubdtype(arrays["y_train"].dtype, np.integer) else np.float32
+    extra_train, extra_test = _extra_arrays(path, arrays)
     return Dataset(
         path.stem,
         arrays["x_train"].astype(np.float32),
         arrays["y_train"].astype(y_type),
         arrays["x_test"].astype(np.float32),
         arrays["y_test"].astype(y_type),
+        extra_train,
+        extra_test,
     )
+
+
+_EXTRA_KINDS = "biuf"  # bool, int, uint, float: what a Batch tensor can carry
+
+
+def _extra_arrays(path: Path, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """The named arrays beyond x and y: `NAME_train` with `NAME_test`, one row per sample, in
+    their own dtype (a step reads them as `batch[NAME]`: a loss mask, an attention mask)."""
+    names = sorted(k[: -len("_train")] for k in arrays if k.endswith("_train") and k not in _NPZ_KEYS)
+    stray = sorted(k for k in arrays if k not in _NPZ_KEYS and not k.endswith(("_train", "_test")))
+    if stray:
+        raise DataError(f"{path}: arrays must be named NAME_train and NAME_test, not {', '.join(stray)}")
+    train, test = {}, {}
+    for name in names:
+        if f"{name}_test" not in arrays:
+            raise DataError(f"{path}: {name}_train has no {name}_test")
+        if not re.fullmatch(r"[A-Za-z_]\w*", name):
+            raise DataError(f"{path}: {name!r} is not a name a step can read (letters, digits, _)")
+        for split, out in (("train", train), ("test", test)):
+            array = arrays[f"{name}_{split}"]
+            if len(array) != len(arrays[f"x_{split}"]):
+                raise DataError(f"{path}: {name}_{split} has {len(array)} rows, x_{split} {len(arrays[f'x_{split}'])}")
+            if array.dtype.kind not in _EXTRA_KINDS or array.dtype.itemsize > 8 or array.dtype == np.uint64:
+                raise DataError(f"{path}: {name}_{split} is {array.dtype}: use bool, integers or floats")
+            out[name] = array
+    orphans = sorted(
+        k for k in arrays if k.endswith("_test") and k not in _NPZ_KEYS and k[: -len("_test")] not in train
+    )
+    if orphans:
+        raise DataError(f"{path}: {orphans[0]} has no {orphans[0][: -len('_test')]}_train")
+    return train, test
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:

@@ -17,14 +17,15 @@ bit-for-bit the same pseudo-gradient, which is what makes membership changes exa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from pangea.train import steps
 from pangea.train.layout import Layout
-from pangea.train.tasks import Loss, classify_loss
+from pangea.train.training import StepSettings, gradient, rows_of
 
 
 def rounds(total_steps: int, local_steps: int) -> int:
@@ -54,30 +55,40 @@ def local_steps(
     model: nn.Module,
     layout: Layout,
     start: np.ndarray,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple[tuple[int, int, int], Mapping[str, torch.Tensor]]],
     kind: str,
     lr: float,
-    loss_fn: Loss = classify_loss,
-) -> tuple[np.ndarray, float, int]:
-    """Run the inner steps from state `start`; (pseudo-gradient start - end, mean loss, samples).
+    step: steps.Step,
+    how: StepSettings,
+    name: str = "the step",
+) -> tuple[np.ndarray, float, int, float]:
+    """Run the inner steps from state `start`: (pseudo-gradient start - end, mean loss over the
+    counted targets, samples, counted targets).
 
-    The buffer part of the result is the buffers at the end (running statistics are averaged,
-    not stepped).  An empty batch (a short last global batch cut into more shards than it has
-    rows) is skipped: no step, no samples.
+    `batches`: each local step's key (global batch, first row, end row: its random draws come
+    from it, see `pangea.train.randomness`) and its rows.  Each inner step follows the gradient
+    of its mean loss over counted targets (micro-batched and autocast as `how` says).  The buffer
+    part of the result is the buffers at the end (running statistics are averaged, not stepped).
+    An empty batch (a short last global batch cut into more shards than it has rows) is skipped:
+    no step, no samples.
     """
     layout.load_params(model, start)
     optimizer = inner_optimizer(kind, lr, layout.params(model))
-    loss_sum, samples = 0.0, 0
-    for x, y in batches:
-        if len(x) == 0:
+    loss_sum, samples, counted = 0.0, 0, 0.0
+    for key, batch in batches:
+        rows = rows_of(batch)
+        if rows == 0:
             continue
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.item() * len(x)
-        samples += len(x)
+        result = gradient(model, layout, batch, step, how, key, name, flatten=False)
+        if result.count > 0:  # the mean over counted targets; none counted: no gradient to follow
+            for p in layout.params(model):
+                if p.grad is not None:
+                    p.grad.div_(result.count)
+            optimizer.step()
+        loss_sum += result.loss * result.count
+        samples += rows
+        counted += result.count
     end = layout.flatten_params(model)
     delta = (start - end).astype(np.float32)
     delta[layout.param_numel :] = end[layout.param_numel :]
-    return delta, loss_sum / max(1, samples), samples
+    return delta, loss_sum / counted if counted else 0.0, samples, counted

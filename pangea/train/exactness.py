@@ -56,6 +56,10 @@ def kernel_differences(run: dict, yardstick: dict) -> list[str]:
                 f"optimizer {'torch build' if key == 'torch' else 'intra-op threads'} "
                 f"{a['optimizer'][key]} vs {b['optimizer'][key]}"
             )
+    # bf16 autocast computes other numbers than fp32 by design: a run compares with its own precision.
+    precisions = [(m.get("settings") or {}).get("precision") or "fp32" for m in (run, yardstick)]
+    if precisions[0] != precisions[1]:
+        problems.append(f"--precision {precisions[0]} vs {precisions[1]}")
     for what, key in (("torch build", "torch"), ("device", "device"), ("intra-op threads", "threads")):
         left = sorted({str(k[key]) for k in a["workers"].values()})
         right = sorted({str(k[key]) for k in b["workers"].values()})
@@ -131,6 +135,8 @@ def recompute_settings(run_dir: Path, metrics: dict, out: Path, dataset: str | N
     train = {k: given[k] for k in TrainSettings.model_fields if k in given}
     if dataset:
         train["dataset"] = dataset
+    if (Path(run_dir) / "code").is_dir():  # user code shipped by value (pangea.fit) travels with the run
+        train["code_dir"] = Path(run_dir) / "code"
     workers = (metrics.get("kernels") or {}).get("workers") or {}
     devices = {k["device"] for k in workers.values()}
     return ReferenceSettings(**train, out=out, device="cuda" if "cuda" in devices else "cpu")
@@ -178,6 +184,7 @@ def verify(
     data = load_data(
         settings.task,
         settings.dataset,
+        step=settings.step,
         context=settings.context,
         vocab=settings.vocab,
         val_fraction=settings.val_fraction,

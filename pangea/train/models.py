@@ -1,16 +1,18 @@
-"""Built-in models (`mlp`, `cnn`, `gpt`) and user models given as `module:factory`."""
+"""Built-in models (`mlp`, `cnn`, `gpt`) and user models given as `module:factory` or pickled code."""
 
 from __future__ import annotations
 
-import importlib
+import copy
 import inspect
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from pangea.errors import ModelError
+from pangea.train import usercode
 
 
 def mlp(in_features: int, num_classes: int, hidden: tuple[int, ...] = (128,)) -> nn.Module:
@@ -178,13 +180,16 @@ def build_model(
     layers: int = 2,
     heads: int = 4,
     dim: int = 128,
+    code_dir: Path | None = None,
+    allow_pickle: bool = True,
 ) -> nn.Module:
     """Build the model deterministically: the same arguments give the same initial weights.
 
     `hidden` shapes `mlp`; `layers`, `heads` and `dim` shape `gpt`, whose vocabulary is
-    `num_classes`. A user factory `module:factory` is called as
+    `num_classes`. A user factory `module:factory` (or `pickle:<sha256>`, kept in `code_dir`,
+    loaded only if `allow_pickle`: see `pangea.train.usercode`) is called as
     `factory(in_features=..., num_classes=...)` when it accepts those keywords, otherwise
-    with no arguments.
+    with no arguments.  A shipped `nn.Module` instance gives a copy of itself, its weights as shipped.
     """
     in_features = math.prod(input_shape)
     torch.manual_seed(seed)
@@ -194,7 +199,7 @@ def build_model(
         return cnn(input_shape, num_classes)
     if spec == "gpt":
         return gpt(input_shape, num_classes, layers=layers, heads=heads, dim=dim)
-    factory = _import_factory(spec)
+    factory = _import_factory(spec, code_dir=code_dir, allow_pickle=allow_pickle)
     params = inspect.signature(factory).parameters
     kwargs = {}
     if "in_features" in params:
@@ -212,23 +217,36 @@ def build_model(
     return model
 
 
-def _import_factory(spec: str):
+def _import_factory(spec: str, *, code_dir: Path | None = None, allow_pickle: bool = True):
+    """The factory `spec` names: `module:factory`, or pickled code; a model instance as a factory of its copies."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ModelError(f"unknown model {spec!r}: use 'mlp', 'cnn', 'gpt' or 'module:factory'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from None
-    factory = getattr(module, attr, None)
+    factory = usercode.resolve(spec, what="--model", error=ModelError, code_dir=code_dir, allow_pickle=allow_pickle)
+    if isinstance(factory, nn.Module):
+        return _copies(factory)
     if not callable(factory):
+        if usercode.pickled_hash(spec):
+            raise ModelError(f"--model {spec} is a {type(factory).__name__}, not a factory or a torch.nn.Module")
         raise ModelError(f"{module_name} has no callable {attr!r}")
     return factory
 
 
-def build_for(spec) -> nn.Module:
+def _copies(model: nn.Module):
+    """A factory of fresh copies of `model`: every build starts from its weights, and none shares them."""
+
+    def copy_of_model() -> nn.Module:
+        return copy.deepcopy(model)
+
+    return copy_of_model
+
+
+def build_for(spec, *, code_dir: Path | None = None, allow_pickle: bool = True) -> nn.Module:
     """The model a job spec describes (`pangea.wire.messages.JobSpec`, or anything with its
-    model, input_shape, num_classes, hidden, seed, layers, heads and dim), its initial weights."""
+    model, input_shape, num_classes, hidden, seed, layers, heads and dim), its initial weights.
+
+    Pickled code is loaded from `code_dir` only (the directory `pangea.roles.code.fetch_code`
+    gives a worker), never from a path the spec names, and only if `allow_pickle`."""
     return build_model(
         spec.model,
         spec.input_shape,
@@ -238,4 +256,6 @@ def build_for(spec) -> nn.Module:
         layers=spec.layers,
         heads=spec.heads,
         dim=spec.dim,
+        code_dir=code_dir,
+        allow_pickle=allow_pickle,
     )

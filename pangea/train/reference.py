@@ -24,13 +24,10 @@ import torch
 from pangea.settings import ReferenceSettings, SettingsError
 from pangea.train import diloco, kernels, plans
 from pangea.train.aggregate import RoundAccumulator
+from pangea.train.events import EventLog
 from pangea.train.outputs import Metrics, write_outputs
 from pangea.train.server import Server, build
-from pangea.train.training import (
-    epochs_ended,
-    evaluations_due,
-    gradient,
-)
+from pangea.train.training import StepSettings, epochs_ended, evaluations_due, gradient, learning_rates
 from pangea.wire.messages import Chunk
 
 log = logging.getLogger(__name__)
@@ -104,7 +101,6 @@ def _train(
     settings, dataset, task, layout = server.settings, server.data, server.task, server.layout
     worker = build(settings, dataset).to(settings.device)  # what a worker computes with
     worker.train()
-    n, size, rounds = dataset.num_samples, settings.batch_size, server.total_rounds
     metrics = Metrics(
         job="reference",
         mode="reference",
@@ -114,47 +110,23 @@ def _train(
     used_threads: set[int] = set()
     start = time.perf_counter()
     expected = 0
-    for record in records:
-        if record.round != expected:
-            raise SettingsError(f"the plans jump from round {expected - 1} to {record.round}")
-        expected += 1
-        t0 = time.perf_counter()
-        covered = record.steps
-        begin = layout.flatten_params(server.model)
-        acc = RoundAccumulator(
-            record.round,
-            layout.numel,
-            {i: s.samples for i, s in enumerate(record.shards)},
-            keep_rows=aggregation.robust,
-        )
-        for i, shard in enumerate(record.shards):
-            threads = shard.threads or default_threads
-            kernels.set_threads(threads)
-            used_threads.add(threads)
-            batches = [_rows(dataset, settings, g, a, b) for g, (a, b) in zip(covered, shard.rows)]
-            if settings.mode == "diloco":
-                values, loss, _ = diloco.local_steps(
-                    worker, layout, begin, batches, settings.inner_optimizer, settings.inner_lr, task.loss
-                )
+    events = EventLog(settings.out, targets_per_sample=dataset.targets_per_sample if task.is_lm else 1)
+    with events:
+        for record in records:
+            if record.round != expected:
+                raise SettingsError(f"the plans jump from round {expected - 1} to {record.round}")
+            expected += 1
+            t0 = time.perf_counter()
+            acc = _round(server, worker, record, aggregation, default_threads, used_threads)
+            kernels.set_threads(optimizer_threads)
+            if aggregation.robust:
+                mean = acc.robust(aggregation.aggregator, aggregation.byzantine, aggregation.clip_norm)
             else:
-                layout.load_params(worker, begin)
-                values, loss = gradient(worker, layout, *batches[0], task.loss)
-            acc.add(i, shard.samples, loss, Chunk(0, 1, 0, layout.numel), values)
-        kernels.set_threads(optimizer_threads)
-        if aggregation.robust:
-            mean = acc.robust(aggregation.aggregator, aggregation.byzantine, aggregation.clip_norm)
-        else:
-            mean = acc.mean()
-        server.step(mean, record.round)
-        metrics.plans.append(record.to_dict())
-        metrics.loss.append(acc.loss())
-        metrics.samples.append(acc.total_samples)
-        metrics.workers.append(len(record.shards))
-        metrics.round_seconds.append(time.perf_counter() - t0)
-        if evaluations_due(covered, n, size, settings.eval_every) or record.round + 1 == rounds:
-            metrics.add_evaluation(record.round, server.evaluate(), epochs_ended(covered, n, size))
-        if progress:
-            progress(record.round + 1, rounds, acc.loss(), metrics.final.get(task.headline))
+                mean = acc.mean()
+            server.step(mean, record.round)
+            _record(server, record, acc, time.perf_counter() - t0, metrics, events)
+            if progress:
+                progress(record.round + 1, server.total_rounds, acc.loss(), metrics.final.get(task.headline))
     metrics.total_seconds = time.perf_counter() - start
     optimizer_kernels = kernels.current().as_dict()
     worker_kernels = [
@@ -169,10 +141,69 @@ def _train(
     return metrics
 
 
-def _rows(dataset, settings: ReferenceSettings, global_step: int, start: int, stop: int):
-    """Rows [start, stop) of a global batch as a worker receives them, on the device."""
-    x, y = dataset.batch(settings.seed, settings.batch_size, global_step, start, stop)
-    return (
-        kernels.as_input(torch.from_numpy(x), settings.device),
-        kernels.as_input(torch.from_numpy(y), settings.device),
+def _round(
+    server: Server,
+    worker: torch.nn.Module,
+    record: plans.RoundRecord,
+    aggregation: Aggregation,
+    default_threads: int,
+    used_threads: set[int],
+) -> RoundAccumulator:
+    """Each shard of a round computed here in turn, on its worker's thread count, and summed as the
+    orchestrator sums them."""
+    settings, dataset, task, layout = server.settings, server.data, server.task, server.layout
+    how = StepSettings.of(settings)
+    begin = layout.flatten_params(server.model)
+    acc = RoundAccumulator(
+        record.round,
+        layout.numel,
+        {i: s.samples for i, s in enumerate(record.shards)},
+        keep_rows=aggregation.robust,
+        params_end=layout.param_numel,
+        summed=settings.mode != "diloco",
     )
+    for i, shard in enumerate(record.shards):
+        threads = shard.threads or default_threads
+        kernels.set_threads(threads)
+        used_threads.add(threads)
+        batches = [((g, a, b), _rows(dataset, settings, g, a, b)) for g, (a, b) in zip(record.steps, shard.rows)]
+        if settings.mode == "diloco":
+            values, loss, _, count = diloco.local_steps(
+                worker, layout, begin, batches, settings.inner_optimizer, settings.inner_lr, task.step, how, task.label
+            )
+        else:
+            layout.load_params(worker, begin)
+            ((key, rows),) = batches
+            result = gradient(worker, layout, rows, task.step, how, key, task.label)
+            values, loss, count = result.values, result.loss, result.count
+        acc.add(i, shard.samples, loss, Chunk(0, 1, 0, layout.numel), values, count)
+    return acc
+
+
+def _record(
+    server: Server, record: plans.RoundRecord, acc: RoundAccumulator, seconds: float, metrics: Metrics, events: EventLog
+) -> None:
+    """A round's figures into the metrics and the event files; the evaluation when one is due."""
+    n, size, covered = server.num_samples, server.settings.batch_size, record.steps
+    metrics.plans.append(record.to_dict())
+    metrics.loss.append(acc.loss())
+    metrics.samples.append(acc.total_samples)
+    metrics.workers.append(len(record.shards))
+    metrics.round_seconds.append(seconds)
+    events.add_round(
+        record.round,
+        loss=acc.loss(),
+        lrs=learning_rates(server.optimizer),
+        samples=acc.total_samples,
+        seconds=seconds,
+        workers=len(record.shards),
+    )
+    if evaluations_due(covered, n, size, server.settings.eval_every) or record.round + 1 == server.total_rounds:
+        metrics.add_evaluation(record.round, server.evaluate(), epochs_ended(covered, n, size))
+        events.add_evaluation(record.round, metrics.final)
+
+
+def _rows(dataset, settings: ReferenceSettings, global_step: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Rows [start, stop) of a global batch as a worker receives them, on the device."""
+    rows = dataset.rows(settings.seed, settings.batch_size, global_step, start, stop)
+    return {name: kernels.as_input(torch.from_numpy(array), settings.device) for name, array in rows.items()}

@@ -16,7 +16,7 @@ from pangea.train.layout import Layout
 from pangea.train.models import build_model
 from pangea.train.sources import load_data
 from pangea.train.tasks import Task, get_task, probe
-from pangea.train.training import apply_mean, check_model, make_optimizer, total_rounds
+from pangea.train.training import apply_mean, build_optimizer, check_model, total_rounds
 
 
 def load_training_data(settings: TrainSettings):
@@ -24,6 +24,7 @@ def load_training_data(settings: TrainSettings):
     return load_data(
         settings.task,
         settings.dataset,
+        step=settings.step,
         context=settings.context,
         vocab=settings.vocab,
         val_fraction=settings.val_fraction,
@@ -42,7 +43,13 @@ def build(settings: TrainSettings, data) -> nn.Module:
         layers=settings.layers,
         heads=settings.heads,
         dim=settings.dim,
+        code_dir=settings.code_dir,
     )
+
+
+def task_of(settings: TrainSettings) -> Task:
+    """The task of `settings`, with the user's step if one is given."""
+    return get_task(settings.task, settings.step, code_dir=settings.code_dir)
 
 
 @dataclass(kw_only=True)
@@ -61,7 +68,7 @@ class Server:
     @classmethod
     def build(cls, settings: TrainSettings, data=None) -> Server:
         """One line (UserError) for a task, data set or model that cannot go together."""
-        task = get_task(settings.task)
+        task = task_of(settings)
         data = data or load_training_data(settings)
         model = build(settings, data)
         probe(task, model, data, settings.model)
@@ -70,8 +77,10 @@ class Server:
         check_model(layout, settings)
         if settings.mode == "diloco":  # the outer optimizer, applied to the mean pseudo-gradient
             optimizer = diloco.outer_optimizer(settings.outer_lr, settings.outer_momentum, layout.params(model))
+            for group in optimizer.param_groups:
+                group.setdefault("base_lr", group["lr"])
         else:
-            optimizer = make_optimizer(settings, layout.params(model))
+            optimizer = build_optimizer(settings, model, layout)
         steps = total_rounds(settings, data)
         rounds = diloco.rounds(steps, settings.local_steps) if settings.mode == "diloco" else steps
         return cls(
@@ -95,3 +104,11 @@ class Server:
 
     def evaluate(self) -> dict[str, float]:
         return self.task.evaluate(self.model, self.data)
+
+    def load_optimizer(self, state: dict) -> None:
+        """The optimizer's state from a checkpoint; a group saved before groups kept their base
+        rate (`base_lr`) gets the one this run set."""
+        bases = [g["base_lr"] for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state)
+        for group, base in zip(self.optimizer.param_groups, bases):
+            group.setdefault("base_lr", base)

@@ -1,34 +1,37 @@
-"""What is learned: how a shard's loss is computed, where its samples come from, how a model is judged.
+"""What is learned: the step a shard's gradient comes from, where its samples come from, how a
+model is judged.
 
 - `classify` (default): cross-entropy of (batch, classes) logits against integer labels of an
   in-memory data set (digits, .npz); judged by test accuracy.
-- `lm`: next-token cross-entropy over windows of a token file (`pangea.train.tokens`), the mean over
-  every target token of the shard; judged by validation loss, bits per token (per byte for a
-  .txt, whose tokens are bytes) and perplexity.
+- `lm`: next-token cross-entropy over windows of a token file (`pangea.train.tokens`), summed over
+  every target token; judged by validation loss, bits per token (per byte for a .txt, whose tokens
+  are bytes) and perplexity.
 - `module:function`: a user's `function(output, target) -> loss`, the mean over the samples of
   the batch it is given, on an .npz whose targets may be anything numeric; judged by test loss.
 
-The orchestrator weights each shard's mean loss gradient by the shard's samples.  For `lm`
-every window holds `context` targets, so the sample-weighted mean is the token-weighted mean:
-exact, as for classification.
+Each is a step (`pangea.train.steps`): the loss summed over the shard's counted targets, and
+their count.  `--step module:function` replaces the task's step with the user's own (several
+inputs, masks, a model that computes its loss); the task still says where the data comes from
+and how the model is judged (the step's mean loss, and accuracy for `classify`).
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from pangea.errors import TaskError
+from pangea.train import steps, usercode
 from pangea.train.data import Dataset
 from pangea.train.tokens import TokenData
 
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Loss = steps.Loss
 
 
 def classify_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -43,32 +46,44 @@ def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Task:
-    name: str
-    loss: Loss
+    name: str  # classify, lm, or the user loss's spec
+    step: steps.Step
     headline: str  # the evaluation figure a progress bar shows
+    step_name: str = ""  # how messages name the step: "--step mod:fn", or the task's
 
     @property
     def is_lm(self) -> bool:
         return self.name == "lm"
 
+    @property
+    def label(self) -> str:
+        return self.step_name or f"--task {self.name}"
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: Dataset | TokenData) -> dict[str, float]:
-        """The model's figures on held-out data (test set, or validation windows), in eval mode."""
+        """The model's figures on held-out data (test set, or validation windows), in eval mode:
+        the step's mean loss over counted targets, and accuracy for `classify`."""
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        loss_sum, samples, correct = 0.0, 0, 0
-        for x, y in data.eval_batches():
-            output = model(torch.from_numpy(x).to(device))
-            target = torch.from_numpy(y).to(device)
-            loss_sum += float(self.loss(output, target)) * len(x)
-            samples += len(x)
-            if self.name == "classify":
-                correct += int((output.argmax(1) == target).sum())
+        loss_sum, count, correct, samples = 0.0, 0.0, 0, 0
+        for rows in data.eval_rows():
+            batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in rows.items()}
+            labels = self.name == "classify" and batch["y"].ndim == 1 and not batch["y"].is_floating_point()
+            if labels:  # a user step on other targets has no accuracy
+                output = steps.logits(steps.forward(model, batch))
+                correct += int((output.argmax(1) == batch["y"]).sum())
+                samples += len(batch["y"])
+            if self.step is steps.classify:  # the forward above is the step's: not twice
+                loss, n = nn.functional.cross_entropy(output, batch["y"], reduction="sum"), len(batch["y"])
+            else:
+                loss, n = steps.run(self.step, model, batch, self.label)
+            loss_sum += float(loss)
+            count += n
         model.train(was_training)
-        loss = loss_sum / max(1, samples)
-        if self.name == "classify":
-            return {"test_accuracy": correct / max(1, samples), "test_loss": loss}
+        loss = loss_sum / count if count else math.nan
+        if samples:
+            return {"test_accuracy": correct / samples, "test_loss": loss}
         if self.is_lm:
             figures = {"val_loss": loss, "bits_per_token": loss / math.log(2), "perplexity": math.exp(min(loss, 700))}
             if data.bytes_per_token:
@@ -77,52 +92,69 @@ class Task:
         return {"test_loss": loss}
 
 
-def get_task(spec: str) -> Task:
-    """`classify`, `lm`, or `module:function` (a loss with the documented signature)."""
+def get_task(spec: str, step: str = "", *, code_dir: Path | None = None, allow_pickle: bool = True) -> Task:
+    """`classify`, `lm`, or `module:function` (a mean loss of (output, target)); with `step`, the
+    user's step (`module:function`) in place of the task's own."""
     if spec == "classify":
-        return Task("classify", classify_loss, "test_accuracy")
-    if spec == "lm":
-        return Task("lm", lm_loss, "val_loss")
-    return Task(spec, _user_loss(spec), "test_loss")
+        task = Task("classify", steps.classify, "test_accuracy")
+    elif spec == "lm":
+        task = Task("lm", steps.lm, "val_loss")
+    else:
+        task = Task(spec, steps.of_loss(_user_loss(spec, code_dir, allow_pickle)), "test_loss")
+    if step:
+        # Its figure is the step's own loss (accuracy, when the targets are labels, is in the metrics).
+        headline = "val_loss" if task.is_lm else "test_loss"
+        task = Task(task.name, _user_step(step, code_dir, allow_pickle), headline, f"--step {step}")
+    return task
 
 
-def _user_loss(spec: str) -> Loss:
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
+def _user_loss(spec: str, code_dir: Path | None, allow_pickle: bool) -> Loss:
+    if ":" not in spec:
         raise TaskError(f"unknown --task {spec!r}: use classify, lm or module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise TaskError(f"cannot import {module_name!r} for --task {spec}: {exc}") from None
-    function = getattr(module, attr, None)
-    if not callable(function):
-        raise TaskError(f"--task {spec}: {module_name} has no callable {attr!r}")
-    try:
-        inspect.signature(function).bind(torch.zeros(1), torch.zeros(1))
-    except (TypeError, ValueError):
-        raise TaskError(
-            f"--task {spec}: {attr}{inspect.signature(function)} must take (output, target) and return "
-            "the mean loss over the batch"
-        ) from None
+    function = usercode.resolve(spec, what="--task", error=TaskError, code_dir=code_dir, allow_pickle=allow_pickle)
+    _signature(
+        function,
+        spec,
+        "--task",
+        (torch.zeros(1), torch.zeros(1)),
+        "(output, target) and return the mean loss over the batch",
+    )
     return function
 
 
+def _user_step(spec: str, code_dir: Path | None, allow_pickle: bool) -> steps.Step:
+    function = usercode.resolve(spec, what="--step", error=TaskError, code_dir=code_dir, allow_pickle=allow_pickle)
+    _signature(function, spec, "--step", (nn.Module(), {}), "(model, batch) and return (loss_sum, count)")
+    return function
+
+
+def _signature(function, spec: str, what: str, args: tuple, contract: str) -> None:
+    if not callable(function):
+        raise TaskError(f"{what} {spec} is not callable")
+    try:
+        inspect.signature(function).bind(*args)
+    except TypeError:
+        raise TaskError(f"{what} {spec}: {inspect.signature(function)} must take {contract}") from None
+    except ValueError:  # no signature to read (a builtin): let the probe judge it
+        pass
+
+
 def probe(task: Task, model: nn.Module, data: Dataset | TokenData, model_name: str) -> None:
-    """One sample through the model and the loss, before any process relies on them: a mismatch
-    (a context longer than the model's, a loss that returns no scalar) is one line, not a crash."""
-    x, y = data.batch(0, 1, 0, 0, 1)
+    """One sample through the model and the step, before any process relies on them: a mismatch
+    (a context longer than the model's, a step that returns no scalar) is one line, not a crash."""
+    rows = data.rows(0, 1, 0, 0, 1)
+    batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rows.items()}
     was_training = model.training
     model.eval()  # touches no running statistics, and takes a batch of one
     try:
         with torch.no_grad():
-            loss = task.loss(model(torch.from_numpy(x)), torch.from_numpy(y))
+            steps.run(task.step, model, batch, task.label)
+    except TaskError:
+        raise
     except Exception as exc:  # noqa: BLE001 - user code: report it in one line
         shape = "x".join(map(str, data.input_shape))
         raise TaskError(
-            f"model {model_name} cannot take samples of shape {shape} with --task {task.name}: "
-            f"{type(exc).__name__}: {exc}"
+            f"model {model_name} cannot take samples of shape {shape} with {task.label}: {type(exc).__name__}: {exc}"
         ) from None
     finally:
         model.train(was_training)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise TaskError(f"--task {task.name}: the loss must be one number (the mean over the batch), got {loss!r:.60}")

@@ -73,6 +73,16 @@ class TokenData:
         offsets = np.random.default_rng([seed, epoch, step]).integers(0, self.train_tokens - self.context, rows)
         return self._windows(offsets[start:stop])
 
+    def rows(self, seed: int, batch_size: int, global_step: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of a global batch as named arrays: `x` (inputs), `y` (targets)."""
+        x, y = self.batch(seed, batch_size, global_step, start, stop)
+        return {"x": x, "y": y}
+
+    def eval_rows(self, size: int = 64):
+        """The validation windows as named arrays, in batches of `size`."""
+        for x, y in self.eval_batches(size):
+            yield {"x": x, "y": y}
+
     def eval_batches(self, size: int = 64):
         """The validation windows, evenly spaced over the split, in batches of `size`."""
         val = self.total_tokens - self.train_tokens
