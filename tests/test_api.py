@@ -48,6 +48,7 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PANGEA_")}
 
 
+@pytest.mark.slow  # ~25 s: a run and a reference (the default suite keeps the refusals below)
 def test_fit_ships_a_model_from_main_and_equals_its_reference(nats_url, job, tmp_path):
     script, out, ref = tmp_path / "train.py", tmp_path / "run", tmp_path / "ref"
     script.write_text(_SCRIPT)

@@ -162,14 +162,18 @@ def _kill_a_worker(env_nats, job, tmp_path, workers: int, settings: dict, out, k
         cluster.close()
 
 
+DILOCO = dict(mode="diloco", local_steps=5, inner_optimizer="adamw", inner_lr=0.003)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [2, 3])
-def test_dropout_with_a_worker_killed_verifies(env, job, tmp_path, workers):
-    """A shard re-issued to another worker draws the masks its first owner drew: the run verifies
-    against its recorded plans (which `pangea reference --plans-from` recomputes) to <= 1e-6."""
+@pytest.mark.parametrize(("workers", "mode"), [(2, {}), (3, {}), (2, DILOCO)], ids=["sync-2", "sync-3", "diloco-2"])
+def test_dropout_with_a_worker_killed_verifies(env, job, tmp_path, workers, mode):
+    """A shard re-issued to another worker draws the masks its first owner drew (a diloco shard:
+    each local step's): the run verifies against its recorded plans (which `pangea reference
+    --plans-from` recomputes) to <= 1e-6."""
     out = tmp_path / "run"
-    settings = dict(DROPOUT, epochs=5)
-    _kill_a_worker(env, job, tmp_path, workers, settings, out)
+    settings = dict(DROPOUT, epochs=5, **mode)
+    _kill_a_worker(env, job, tmp_path, workers, settings, out, kill_at=25 if not mode else 5)
     events = metrics(out)["events"]
     assert any(e["kind"] == "reassign" for e in events) or any(e["kind"] == "leave" for e in events), events
     assert_verified(out)
@@ -178,7 +182,7 @@ def test_dropout_with_a_worker_killed_verifies(env, job, tmp_path, workers):
 @pytest.mark.slow
 def test_diloco_with_dropout_equals_its_reference(env, job, tmp_path):
     """Each local step draws its masks from its own global batch and rows."""
-    settings = dict(DROPOUT, mode="diloco", local_steps=5, epochs=2, inner_optimizer="adamw", inner_lr=0.003)
+    settings = dict(DROPOUT, epochs=2, **DILOCO)
     out = tmp_path / "run"
     _run(env, job, out, 2, settings)
     assert_exact(out, reference(tmp_path / "ref", workers=2, **settings))
@@ -197,6 +201,7 @@ def text(tmp_path_factory):
     return small
 
 
+@pytest.mark.slow
 def test_a_hugging_face_gpt2_trains_on_a_text_file_exactly(env, job, tmp_path, text):
     """`GPT2LMHeadModel` (random init from a tiny config, its dropout on) with `--task lm`: called
     with `input_ids`, its `.logits` against the data's shifted targets (the shift done once)."""
