@@ -25,6 +25,11 @@ NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 # object `pangea.fit` pickled by value (a model or step defined in a notebook or __main__), named
 # by the sha256 of its bytes.
 USER_CODE = r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*|pickle:[0-9a-f]{64}"
+ALLOW_PICKLED_CODE = (
+    "run a model, step or optimizer shipped as pickled code (pickle:<sha256>, from pangea.fit): a worker "
+    "fetching it from the job's code bucket, verify and reference --plans-from reading a run's code/; "
+    "whoever wrote those bytes can then run code here"
+)
 
 
 class _Base(BaseSettings):
@@ -85,11 +90,7 @@ class BusSettings(_Base):
     net_delay: float = Field(
         0.0, ge=0, description="artificial delay in seconds before each publish of a message group (models a slow link)"
     )
-    allow_pickled_code: bool = Field(
-        False,
-        description="run a job's model, step or optimizer shipped as pickled code through the bus (pickle:<sha256>, "
-        "from pangea.fit): whoever may write the job's object store can then run code here",
-    )
+    allow_pickled_code: bool = Field(False, description=ALLOW_PICKLED_CODE)
 
     @field_validator("http_port", mode="before")
     @classmethod
@@ -187,6 +188,17 @@ class TrainSettings(_Base):
     outer_lr: float = Field(0.7, gt=0, description="diloco: outer SGD (Nesterov) learning rate")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: outer SGD (Nesterov) momentum")
     staleness: int = Field(2, ge=0, description="async: apply a gradient only if at most this many updates old")
+
+    @field_validator("mode")
+    @classmethod
+    def _optimizer_of_the_mode(cls, value: str, info: ValidationInfo) -> str:
+        optimizer = info.data.get("optimizer", "sgd")
+        if value == "diloco" and optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(
+                f"--optimizer {optimizer} steps sync and async rounds; diloco's outer step is SGD with Nesterov "
+                "momentum (--outer-lr, --outer-momentum) and its inner one --inner-optimizer"
+            )
+        return value
 
     @field_validator("hidden")
     @classmethod
@@ -435,10 +447,13 @@ class ReferenceSettings(TrainSettings):
     plans_from: Path | None = Field(
         None, description="reference: recompute the rounds a run recorded in DIR/plans.jsonl, with its settings"
     )
+    allow_pickled_code: bool = Field(False, description=ALLOW_PICKLED_CODE)
 
 
 class VerifySettings(_Base):
     """`pangea verify DIR`: recompute a finished run from its recorded plans and compare."""
+
+    allow_pickled_code: bool = Field(False, description=ALLOW_PICKLED_CODE)
 
     tolerance: float = Field(1e-6, ge=0, description="verify: largest max |run - recomputed| accepted as exact")
     dataset: str | None = Field(None, description="override the job spec's dataset path on this host")

@@ -91,8 +91,9 @@ struct Gradient {
   indices @11 :Tensor;    # topk: uint32 positions of `values` within the chunk
   # The number of counted targets behind `values`.  sync and async: `values` is the gradient
   # of the loss SUMMED over these targets, and the orchestrator divides the sum over shards
-  # by the sum of counts.  diloco: the weight of the shard's mean pseudo-gradient.
-  count @12 :Float64;
+  # by the sum of counts.  diloco, and compressed gradients: `values` is the shard's mean over
+  # them, weighted by the count.  -1 (the default): a writer older than counts, refused.
+  count @12 :Float64 = -1;
 }
 
 # Parameters after `version` optimizer steps, one chunk at a time.

@@ -115,3 +115,18 @@ def test_a_directory_without_a_run_is_one_line(tmp_path):
     with pytest.raises(JobError) as info:
         pangea.Run.load(tmp_path)
     assert "no finished run" in str(info.value)
+
+
+def test_verifying_a_directory_that_trained_pickled_code_asks_first(tmp_path):
+    """`pangea verify DIR` would run DIR/code's bytes, checked against names DIR also supplies: only
+    with PANGEA_ALLOW_PICKLED_CODE (pangea.verify of your own run allows it)."""
+    from pangea.train.exactness import recompute_settings
+
+    metrics = {"settings": {"model": "pickle:" + "ab" * 32}}
+    with pytest.raises(SettingsError) as info:
+        recompute_settings(tmp_path, metrics, tmp_path / "v", None)
+    assert "PANGEA_ALLOW_PICKLED_CODE" in str(info.value) and "\n" not in str(info.value)
+    assert (
+        recompute_settings(tmp_path, metrics, tmp_path / "v", None, allow_pickle=True).model
+        == metrics["settings"]["model"]
+    )

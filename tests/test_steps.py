@@ -4,6 +4,8 @@ by name (Hugging Face's conventions), user steps and optimizers held to their co
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -248,3 +250,122 @@ def test_an_optimizer_that_leaves_out_parameters_or_is_none_is_one_line():
 
 def _not_an_optimizer(model: nn.Module) -> list:
     return list(model.parameters())
+
+
+# ---------------------------------------------------------------- what a worker claims, and older writers
+
+
+def test_a_claimed_count_does_not_steer_a_robust_round():
+    """The plain mean trusts counts as it trusts gradients; a robust round weighs each shard's mean
+    by its planned rows: a shard claiming 1e9 targets (with a gradient to match) counts as its rows."""
+    honest = np.ones(4, np.float32) * 32  # a loss sum over 32 targets: mean 1
+    liar = np.full(4, -1e9, np.float32)  # mean -1 over "1e9" targets
+    acc = RoundAccumulator(0, 4, {0: 32, 1: 32, 2: 32}, keep_rows=True, summed=True)
+    for shard, (values, count) in enumerate([(honest, 32), (honest, 32), (liar, 1e9)]):
+        acc.add(shard, 32, 1.0, Chunk(0, 1, 0, 4), values, count)
+    np.testing.assert_allclose(acc.robust("mean", 1, 10.0), np.full(4, 1 / 3), rtol=1e-6)  # (1 + 1 - 1) / 3
+    assert acc.robust("median", 1, 0.0).tolist() == [1.0] * 4
+
+
+def test_a_round_that_counted_nothing_has_a_zero_gradient_robust_or_not():
+    for robust in (False, True):
+        acc = RoundAccumulator(0, 3, {0: 2, 1: 2}, keep_rows=robust, summed=True)
+        for shard in (0, 1):
+            acc.add(shard, 2, 0.0, Chunk(0, 1, 0, 3), np.zeros(3, np.float32), 0.0)
+        mean = acc.robust("mean", 1, 1.0) if robust else acc.mean()
+        assert mean.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_a_gradient_without_a_count_is_refused_as_an_older_writers():
+    from pangea.errors import Rejected
+    from pangea.wire import codec
+    from pangea.wire.messages import Gradient, Tensor
+
+    old = Gradient("j", "w0", 0, 0, 2, 0.5, 0, Chunk(0, 1, 0, 3), Tensor.from_numpy(np.zeros(3, np.float32), "grad"))
+    decoded = codec.decode(codec.encode(old), Gradient)
+    assert decoded.count == -1.0  # the schema's default: what a writer older than counts sends
+    acc = RoundAccumulator(0, 3, {0: 2}, summed=True)
+    with pytest.raises(Rejected, match="a worker older than counts"):
+        acc.add(0, 2, 0.5, decoded.chunk, decoded.values.numpy(), decoded.count)
+
+
+class _NumpyNoise(nn.Module):
+    """Draws from numpy's and Python's global generators in its forward (older code does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 3)
+
+    def forward(self, x):
+        import random
+
+        noise = torch.from_numpy(np.random.normal(size=x.shape).astype(np.float32)) * random.random()
+        return self.linear(x + noise)
+
+
+def test_numpy_and_python_draws_in_a_step_are_keyed_too():
+    model = _NumpyNoise()
+    layout = Layout.of(model)
+    batch = _batch(8)
+    first = gradient(model, layout, batch, steps.classify, StepSettings(seed=1), (2, 0, 8))
+    np.random.random(17)  # other histories of the process's generators
+    import random
+
+    random.random()
+    before = np.random.get_state()[1].copy()
+    again = gradient(model, layout, batch, steps.classify, StepSettings(seed=1), (2, 0, 8))
+    np.testing.assert_array_equal(first.values, again.values)
+    assert np.array_equal(np.random.get_state()[1], before)  # restored
+
+
+# ---------------------------------------------------------------- settings and data that cannot work
+
+
+def test_a_user_optimizer_with_diloco_is_one_line():
+    from pangea.settings import load
+
+    with pytest.raises(SettingsError, match="diloco's outer step is SGD with Nesterov momentum"):
+        load(ReferenceSettings, mode="diloco", optimizer="tests.test_steps:two_groups")
+
+
+def test_an_npz_keeps_named_pairs_reads_no_strays_and_refuses_what_a_batch_cannot_carry(tmp_path):
+    from pangea.errors import DataError
+    from pangea.train.data import load_dataset
+
+    x, y = np.zeros((5, 2), np.float32), np.arange(5) % 2
+    base = dict(x_train=x, y_train=y, x_test=x[:2], y_test=y[:2])
+    np.savez(
+        tmp_path / "a.npz",
+        **base,
+        mask_train=np.ones((5, 3), bool),
+        mask_test=np.ones((2, 3), bool),
+        ids_train=np.arange(5, dtype=np.int32),  # no ids_test: not read
+        classes=np.array([0, 1]),  # not a pair: not read
+    )
+    data = load_dataset(str(tmp_path / "a.npz"))
+    rows = data.rows(0, 4, 0, 0, 4)
+    assert sorted(rows) == ["mask", "x", "y"] and rows["mask"].dtype == bool and rows["mask"].shape == (4, 3)
+    assert sorted(next(data.eval_rows())) == ["mask", "x", "y"]
+    np.savez(
+        tmp_path / "b.npz", **base, tokens_train=np.zeros((5, 4), np.uint16), tokens_test=np.zeros((2, 4), np.uint16)
+    )
+    with pytest.raises(DataError, match="tokens_train is uint16, which a Batch cannot carry"):
+        load_dataset(str(tmp_path / "b.npz"))
+
+
+def test_a_replay_of_a_job_older_than_precisions_trains_in_fp32():
+    from pangea.roles.jobspec import settings_from_spec, spec_from_settings
+    from pangea.settings import OrchestratorSettings
+
+    spec = spec_from_settings(
+        OrchestratorSettings(),
+        "orchestrator",
+        input_shape=(64,),
+        num_classes=10,
+        num_params=1,
+        layout_hash="h",
+        total_rounds=1,
+        vocab=0,
+    )
+    older = dataclasses.replace(spec, precision="")  # what a JobSpec written before the field decodes to
+    assert settings_from_spec(older)["precision"] == "fp32"

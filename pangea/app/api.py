@@ -180,13 +180,17 @@ def reference(
     return Run.load(ref.out)
 
 
-def verify(run_or_dir: Run | Path | str, **kw) -> Verdict:
+def verify(run_or_dir: Run | Path | str, *, allow_pickled_code: bool = True, **kw) -> Verdict:
     """`pangea verify DIR`: recompute the run from its recorded plans in this process and compare
-    (keywords: tolerance, out, dataset); `verdict.exact`, `verdict.line()`."""
+    (keywords: tolerance, out, dataset); `verdict.exact`, `verdict.line()`.
+
+    A run that trained pickled code (a model from a notebook) is recomputed by running that code
+    from its `code/` directory: pass `allow_pickled_code=False` for a directory you did not make
+    (the `pangea verify` command refuses it unless PANGEA_ALLOW_PICKLED_CODE is set)."""
     from pangea.train.exactness import verify as verify_run
 
     run_dir = run_or_dir.out if isinstance(run_or_dir, Run) else Path(run_or_dir)
-    return verify_run(run_dir, **kw)
+    return verify_run(run_dir, allow_pickle=allow_pickled_code, **kw)
 
 
 # ------------------------------------------------------------------ settings

@@ -155,6 +155,7 @@ def _reference(settings: cfg.ReferenceSettings) -> int:
                 out=settings.out,
                 dataset=settings.dataset if "dataset" in settings.model_fields_set else None,
                 progress=progress,
+                allow_pickle=settings.allow_pickled_code,
             )
             print(
                 f"reference: recomputed {verdict.rounds} rounds of {run} -> {settings.out} "
@@ -174,7 +175,12 @@ def _verify(run_dir: str, settings: cfg.VerifySettings) -> int:
 
     with _rounds_progress("verify") as progress:
         verdict = verify(
-            Path(run_dir), tolerance=settings.tolerance, out=settings.out, dataset=settings.dataset, progress=progress
+            Path(run_dir),
+            tolerance=settings.tolerance,
+            out=settings.out,
+            dataset=settings.dataset,
+            progress=progress,
+            allow_pickle=settings.allow_pickled_code,
         )
     for note in verdict.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -34,7 +34,7 @@ _USERS = {
     "PANGEA_MAX_WORKERS": "orchestrator, run, autoscale (its own bound)",
     "PANGEA_STORE_DIR": "run, replay",
     "PANGEA_CODE_DIR": "run, reference, verify, orchestrator, worker (pangea.fit sets it)",
-    "PANGEA_ALLOW_PICKLED_CODE": "worker (pangea run and pangea.fit set it for their own workers)",
+    "PANGEA_ALLOW_PICKLED_CODE": "worker (pangea.fit sets it for its own workers), verify, reference",
 }
 
 

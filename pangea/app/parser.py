@@ -54,8 +54,8 @@ REFERENCE = (
     "train in one plain process with no bus: the yardstick for exactness.  Each round's K shard "
     "gradients (or diloco pseudo-gradients) are computed one after the other with the kernels "
     "pangea run's workers use (same torch build, device and intra-op threads: --torch-threads "
-    "defaults to cpu_count // K, as pangea run gives each worker), summed in float64 weighted by "
-    "samples as the orchestrator sums them, and the same optimizer steps.  A run of K workers "
+    "defaults to cpu_count // K, as pangea run gives each worker), their loss-sum gradients summed in "
+    "float64 over their counts as the orchestrator sums them, and the same optimizer steps.  A run of K workers "
     "equals it to float rounding of the order chunks arrive in (about 1e-7 or less).  "
     "--workers 1 is the plain whole-batch loop, which drifts from any K > 1 by up to 1e-3 "
     "over a long run: another summation order, amplified by training."
@@ -154,12 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         "reference",
         REFERENCE,
         cfg.ReferenceSettings,
-        "out workers torch_threads device plans_from".split(),
+        "out workers torch_threads device plans_from allow_pickled_code".split(),
         train=True,
     )
     ver = command("verify", VERIFY)
     ver.add_argument("dir", help="a finished run's output directory (params.npz, metrics.json, plans.jsonl)")
-    settings_flags(ver, cfg.VerifySettings, ["tolerance", "dataset", "out"])
+    settings_flags(ver, cfg.VerifySettings, ["tolerance", "dataset", "out", "allow_pickled_code"])
     command(
         "orchestrator",
         "run the orchestrator role: model, optimizer, round plans",

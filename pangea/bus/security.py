@@ -12,12 +12,13 @@ only the consumers named after it; "only the preprocessor publishes batches" and
 orchestrator publishes parameters and plans" are plain publish permissions.
 
 Pickled user code (`pickle:<sha256>`, `pangea.roles.code`): only the orchestrator may write
-the job's code bucket, and no other role gets any permission on it, workers included.  A
-worker that reads code from the bus runs whatever the bucket holds (checked against its hash,
-but the hash comes from the same job), so under these permissions a worker takes pickled code
-from its local PANGEA_CODE_DIR only: `pangea run --secure` starts its workers on the machine
-that wrote the code, with that directory.  To let remote workers fetch it, grant them reading
-`OBJ_pangea_<job>_code` by hand (and PANGEA_ALLOW_PICKLED_CODE=true on each).
+the job's code bucket.  No role may create a consumer on it, so a worker cannot fetch it the way
+`fetch_code` does: under these permissions a worker takes pickled code from its local
+PANGEA_CODE_DIR only (`pangea run --secure` starts its workers on the machine that wrote the
+code, with that directory).  Every role's stream-read grants (`STREAM.MSG.GET`, `DIRECT.GET`, for
+any stream) do reach the bucket's stream, as they reach the checkpoints': a worker can read the
+bytes by sequence number, never write or replace them.  To let remote workers fetch the code,
+grant them consuming `OBJ_pangea_<job>_code` by hand (and PANGEA_ALLOW_PICKLED_CODE=true on each).
 """
 
 from __future__ import annotations

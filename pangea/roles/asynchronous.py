@@ -15,7 +15,6 @@ and the accounting.  A worker that leaves has its batches in hand given to anoth
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ from pangea import telemetry
 from pangea.bus import subjects
 from pangea.errors import Diverged, Reason, Rejected
 from pangea.roles import intake
+from pangea.train.aggregate import sums_on_wire
 from pangea.train.data import position
 from pangea.train.plans import batch_rows
 from pangea.train.training import learning_rates
@@ -185,6 +185,8 @@ class AsyncTrainer:
             raise Rejected(
                 Reason.WRONG_SAMPLES, f"global batch {grad.round} has {rows} samples, got {grad.num_samples}"
             )
+        if not (np.isfinite(grad.count) and grad.count >= 0):
+            raise Rejected(Reason.WRONG_SAMPLES, f"global batch {grad.round} claims {grad.count} counted targets")
 
     async def _apply(self, r: int, grad: Gradient, flat: np.ndarray) -> None:
         o = self.o
@@ -202,7 +204,9 @@ class AsyncTrainer:
             self.staleness[tau] += 1
             # Buffers as the worker left them; the gradient of the loss sum over its count, scaled.
             update = np.array(flat, dtype=np.float32)
-            scale = staleness_weight(tau) / grad.count if grad.count > 0 else 0.0
+            scale = staleness_weight(tau)
+            if sums_on_wire(o.settings.mode, o.settings.compression):  # the loss sum's gradient: over its count
+                scale = scale / grad.count if grad.count > 0 else 0.0
             update[: o.server.layout.param_numel] *= np.float32(scale)
             o.server.step(update, self.version)
             if not all(bool(p.isfinite().all()) for p in o.server.layout.params(o.server.model)):
@@ -220,11 +224,11 @@ class AsyncTrainer:
         seconds, self._last = now - self._last, now
         epoch = position(r, o.server.num_samples, o.settings.batch_size)[0]
         self.epoch_left[epoch] -= 1
-        figure = float("nan")
+        figure, evaluated = float("nan"), False
         if self.epoch_left[epoch] == 0:
             figures = o.server.evaluate()
             o.metrics.add_evaluation(len(self.resolved) - 1, figures, 1)
-            figure = figures[o.server.task.headline]
+            figure, evaluated = figures.get(o.server.task.headline, float("nan")), True
             log.info(
                 "epoch %d done (%d/%d global batches, version %d): %s %.4f",
                 epoch + 1,
@@ -243,7 +247,7 @@ class AsyncTrainer:
         o.outbox.events.add_round(
             step, loss=grad.loss, lrs=lrs, samples=samples, seconds=seconds, workers=len(self.live)
         )
-        if not math.isnan(figure):
+        if evaluated:
             o.outbox.events.add_evaluation(step, o.metrics.final)
         o.metrics.staleness = {str(k): v for k, v in sorted(self.staleness.items())}
         telemetry.ROUNDS.inc()

@@ -52,6 +52,7 @@ def settings_from_spec(spec: JobSpec) -> dict:
     values = {name: getattr(spec, name) for name in CARRIED}
     values.update(hidden=",".join(map(str, spec.hidden)), vocab=spec.vocab)
     values["task"] = values["task"] or "classify"  # "" from a writer older than tasks
+    values["precision"] = values["precision"] or "fp32"  # "" from a writer older than precisions
     return values
 
 

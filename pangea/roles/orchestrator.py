@@ -5,7 +5,7 @@ Round r, read top to bottom:
   collect every chunk of every shard's gradient for round r (stale/duplicate/foreign refused);
     a shard whose worker left is re-issued to a live worker at once, a shard still missing at
     the deadline is re-issued to an idle worker (policy exact) or dropped (policy quorum)
-  sample-weighted mean -> optimizer step -> params version r+1 -> params stream
+  mean (summed loss-sum gradients over summed counts) -> optimizer step -> params version r+1 -> params stream
 
 Why one module of ~520 lines: it is that loop, kept readable top to bottom (setup, the round,
 collecting it, publishing).  Everything with a job of its own is a part it composes, each in
@@ -40,7 +40,7 @@ from pangea.roles.planning import Deadlines, pick_replacements
 from pangea.roles.slices import Slices
 from pangea.settings import OrchestratorSettings
 from pangea.train import kernels, plans
-from pangea.train.aggregate import RoundAccumulator
+from pangea.train.aggregate import RoundAccumulator, sums_on_wire
 from pangea.train.checkpoint import Checkpoint
 from pangea.train.data import position
 from pangea.train.outputs import Metrics, write_outputs
@@ -319,7 +319,7 @@ class Orchestrator:
             sizes,
             keep_rows=robust,
             params_end=self.server.layout.param_numel,  # slice 0 starts the vector
-            summed=self.settings.mode != "diloco",
+            summed=sums_on_wire(self.settings.mode, self.settings.compression),
         )
         self.slices.new_round(r)
         await self.collect(plan, acc, unplanned)

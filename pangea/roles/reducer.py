@@ -4,7 +4,7 @@ With `--shards S` the parameter vector is cut into S slices (`chunking.bounds`);
 send slice s of their gradient to `pangea.<job>.grads.<s>`.  Slice 0 is the
 orchestrator's own; shard s >= 1 (this role) follows the round plans, sums its slice over
 the round's shards exactly as the orchestrator would (same checks, same float64
-accumulator), and publishes the sample-weighted mean slice on `pangea.<job>.reduced`.
+accumulator), and publishes the mean slice on `pangea.<job>.reduced`.
 The orchestrator joins the slices, steps the optimizer and broadcasts as usual, so the
 K-fold fan-in of gradient bytes is spread over S processes (cores, machines).
 
@@ -27,7 +27,7 @@ from pangea.roles.gradients import GradientIntake
 from pangea.roles.jobspec import wait_for_job_spec
 from pangea.roles.slices import shard_name
 from pangea.settings import ReducerSettings
-from pangea.train.aggregate import RoundAccumulator
+from pangea.train.aggregate import RoundAccumulator, sums_on_wire
 from pangea.wire import codec
 from pangea.wire.chunking import bounds, split
 from pangea.wire.messages import GRADIENT_TENSOR, Gradient, RoundPlan, Tensor
@@ -141,9 +141,10 @@ class Reducer:
                 plan.round,
                 hi - lo,
                 {i: s.size for i, s in enumerate(plan.shards)},
-                # The slice's elements before the buffers: an older spec (0) had parameters only.
+                # The slice's elements before the buffers (a spec older than param_numel says 0:
+                # all of num_params, buffers included, as its writer's mean treated them).
                 params_end=(self.spec.param_numel or self.spec.num_params) - lo,
-                summed=self.spec.mode != "diloco",
+                summed=sums_on_wire(self.spec.mode, self.spec.compression),
             ),
         )
         self.gradients.new_round(plan)

@@ -13,6 +13,7 @@ import torch
 from pangea.errors import ModelError, SettingsError
 from pangea.settings import WorkerSettings
 from pangea.train import diloco, kernels
+from pangea.train.aggregate import sums_on_wire
 from pangea.train.layout import Layout
 from pangea.train.models import build_for
 from pangea.train.tasks import get_task
@@ -71,6 +72,9 @@ class Replica:
         self._test_delay(batch.stop - batch.start)
         key = (batch.round, batch.start, batch.stop)  # a sync or async round is one global batch
         result = gradient(self.model, self.layout, self._inputs(batch), self.task.step, self.how, key, self.task.label)
+        if not sums_on_wire(self.spec.mode, self.spec.compression) and result.count > 0:
+            # Compressed: the mean over counted targets travels (a sum may pass fp16's range).
+            result.values[: self.layout.param_numel] /= np.float32(result.count)
         if self.settings.test_attack == "scale":  # test only: a poisoned gradient
             result = replace(result, values=result.values * -20.0)
         elif self.settings.test_attack == "random":

@@ -12,6 +12,9 @@ What a shard contributes, and how it is weighted:
   (diloco's pseudo-gradients, or a caller that has means) a mean, weighted by its count;
 - the buffer part (BatchNorm running statistics, see `Layout`): the buffers as the shard's
   forward left them, weighted by the shard's rows, since each row went through the forward.
+
+A count is the worker's word, as its gradient is: the default mean trusts both (it is exact, not
+robust); robust aggregators weight each shard by its planned rows, never by what it claims.
 """
 
 from __future__ import annotations
@@ -22,6 +25,16 @@ from pangea.errors import Reason, Rejected
 from pangea.train import robust
 from pangea.wire import chunking
 from pangea.wire.messages import Chunk
+
+
+def sums_on_wire(mode: str, compression: str) -> bool:
+    """Whether a job's workers send the gradient of their loss sum (sync and async rounds), or their
+    mean over counted targets: diloco's pseudo-gradients are means, and so are compressed gradients,
+    whose fp16 range a sum over tens of thousands of tokens would overflow."""
+    return mode != "diloco" and compression == "none"
+
+
+NO_COUNT = -1.0  # what a Gradient says when its writer sent no count (schema default)
 
 
 class RoundAccumulator:
@@ -76,7 +89,8 @@ class RoundAccumulator:
             raise Rejected(Reason.NON_FINITE, f"round {self.round} shard {shard} chunk {chunk.index} has NaN/Inf")
         count = float(num_samples if count is None else count)
         if not (np.isfinite(count) and count >= 0):
-            raise Rejected(Reason.WRONG_SAMPLES, f"shard {shard} claims {count} counted targets")
+            old = " (a worker older than counts sends none)" if count == NO_COUNT else ""
+            raise Rejected(Reason.WRONG_SAMPLES, f"shard {shard} claims {count} counted targets{old}")
         if self._counts.get(shard, count) != count:  # every chunk of a shard says the same
             raise Rejected(
                 Reason.WRONG_SAMPLES, f"shard {shard} counted {self._counts[shard]} targets, this chunk says {count}"
@@ -115,7 +129,7 @@ class RoundAccumulator:
     def mean(self) -> np.ndarray:
         """The mean, float32.  Once per round, in the float64 sum's own memory: no second vector
         exists at the peak (see `_downcast_in_place`).  A round whose shards counted no target at
-        all has a zero gradient."""
+        all has a zero gradient (its loss sums had nothing to differentiate)."""
         if not self.complete:
             raise RuntimeError(f"round {self.round} is missing shards {self.missing()}")
         if self._sum is None:
@@ -124,6 +138,8 @@ class RoundAccumulator:
         p = self.params_end
         if self.total_count > 0:
             np.divide(total[:p], self.total_count, out=total[:p])
+        else:
+            total[:p] = 0.0
         if p < self.numel:
             np.divide(total[p:], self.total_samples, out=total[p:])
         return _downcast_in_place(total)
@@ -136,17 +152,21 @@ class RoundAccumulator:
 
     def robust(self, aggregator: str, byzantine: int, clip_norm: float) -> np.ndarray:
         """Combine the complete shards' gradients with a robust aggregator (after clipping): each
-        shard's mean over its counted targets, weighted by its count."""
+        shard's mean over its counted targets (a shard that counted none: zero), weighted by its
+        planned rows, not by the count it claims (a worker could claim any)."""
         if self._rows is None:
             raise RuntimeError("robust aggregation needs keep_rows=True")
         done = [s for s in self.shard_sizes if s not in self.missing()]
         rows = np.stack([self._rows[s] for s in done]).astype(np.float64)
-        counts = np.array([self._counts[s] for s in done], dtype=np.float64)
         if self.summed:
-            rows[:, : self.params_end] /= np.maximum(counts, 1e-300)[:, None]
+            counts = np.array([self._counts[s] for s in done], dtype=np.float64)
+            part = rows[:, : self.params_end]
+            np.divide(part, counts[:, None], out=part, where=counts[:, None] > 0)
+            part[counts == 0] = 0.0
         if clip_norm > 0:
             rows = robust.clip(rows, clip_norm)
-        return robust.combine(rows, counts, aggregator, byzantine).astype(np.float32)
+        weights = np.array([self.shard_sizes[s] for s in done], dtype=np.float64)
+        return robust.combine(rows, weights, aggregator, byzantine).astype(np.float32)
 
     def complete_samples(self) -> int:
         """Samples of the shards whose whole gradient arrived."""

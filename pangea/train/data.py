@@ -6,6 +6,7 @@ that is what makes distributed training comparable with the single-process refer
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import zipfile
@@ -15,6 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from pangea.errors import DataError
+from pangea.wire.messages import DTYPES
+
+log = logging.getLogger(__name__)
+# What a Batch tensor can carry (bfloat16 has no numpy dtype: an .npz cannot hold it).
+WIRE_DTYPES = frozenset(name for name in DTYPES if name != "bfloat16")
 
 _DIGITS_SPLIT_SEED = 1234  # fixed: the digits train/test split never changes
 _DIGITS_TEST_FRACTION = 0.25
@@ -147,34 +153,29 @@ def _npz(path: Path, labels: bool = True) -> Dataset:
     )
 
 
-_EXTRA_KINDS = "biuf"  # bool, int, uint, float: what a Batch tensor can carry
-
-
 def _extra_arrays(path: Path, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    """The named arrays beyond x and y: `NAME_train` with `NAME_test`, one row per sample, in
-    their own dtype (a step reads them as `batch[NAME]`: a loss mask, an attention mask)."""
+    """The named arrays beyond x and y: each `NAME_train` with its `NAME_test`, one row per sample,
+    in their own dtype (a step reads them as `batch[NAME]`: a loss mask, an attention mask).  Other
+    arrays (`x_val`, `classes`, a `NAME_train` without its `NAME_test`) are not read: said once."""
     names = sorted(k[: -len("_train")] for k in arrays if k.endswith("_train") and k not in _NPZ_KEYS)
-    stray = sorted(k for k in arrays if k not in _NPZ_KEYS and not k.endswith(("_train", "_test")))
-    if stray:
-        raise DataError(f"{path}: arrays must be named NAME_train and NAME_test, not {', '.join(stray)}")
+    paired = [n for n in names if f"{n}_test" in arrays]
+    unread = sorted(set(arrays) - set(_NPZ_KEYS) - {f"{n}_{split}" for n in paired for split in ("train", "test")})
+    if unread:
+        log.info("%s: not read (not x, y or a NAME_train/NAME_test pair): %s", path, ", ".join(unread))
     train, test = {}, {}
-    for name in names:
-        if f"{name}_test" not in arrays:
-            raise DataError(f"{path}: {name}_train has no {name}_test")
+    for name in paired:
         if not re.fullmatch(r"[A-Za-z_]\w*", name):
             raise DataError(f"{path}: {name!r} is not a name a step can read (letters, digits, _)")
         for split, out in (("train", train), ("test", test)):
             array = arrays[f"{name}_{split}"]
             if len(array) != len(arrays[f"x_{split}"]):
                 raise DataError(f"{path}: {name}_{split} has {len(array)} rows, x_{split} {len(arrays[f'x_{split}'])}")
-            if array.dtype.kind not in _EXTRA_KINDS or array.dtype.itemsize > 8 or array.dtype == np.uint64:
-                raise DataError(f"{path}: {name}_{split} is {array.dtype}: use bool, integers or floats")
+            if np.dtype(array.dtype).newbyteorder("=").name not in WIRE_DTYPES:
+                raise DataError(
+                    f"{path}: {name}_{split} is {array.dtype}, which a Batch cannot carry: use one of "
+                    f"{', '.join(sorted(WIRE_DTYPES))}"
+                )
             out[name] = array
-    orphans = sorted(
-        k for k in arrays if k.endswith("_test") and k not in _NPZ_KEYS and k[: -len("_test")] not in train
-    )
-    if orphans:
-        raise DataError(f"{path}: {orphans[0]} has no {orphans[0][: -len('_test')]}_train")
     return train, test
 
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from pangea.settings import ReferenceSettings, SettingsError, TrainSettings
-from pangea.train import kernels, plans
+from pangea.train import kernels, plans, usercode
 from pangea.train.outputs import load_params, max_abs_diff
 from pangea.train.sources import load_data
 
 DEFAULT_TOLERANCE = 1e-6
+FORMAT = 2  # metrics.json `format`: 2, workers send loss-sum gradients and counts (1: mean gradients)
 
 
 class KernelsDiffer(SettingsError):
@@ -71,7 +72,14 @@ def kernel_differences(run: dict, yardstick: dict) -> list[str]:
 
 def compare(run_dir: Path, yardstick_dir: Path) -> float:
     """max |Δ| between two runs' params.npz; `KernelsDiffer` if their kernels differ."""
-    problems = kernel_differences(read_metrics(run_dir), read_metrics(yardstick_dir))
+    run, yardstick = read_metrics(run_dir), read_metrics(yardstick_dir)
+    for where, m in ((run_dir, run), (yardstick_dir, yardstick)):
+        if m.get("format", 1) < FORMAT:
+            raise KernelsDiffer(
+                f"{where} was written by a Pangea whose workers sent mean gradients (now loss sums, which round "
+                "otherwise): compare it with a run of that version"
+            )
+    problems = kernel_differences(run, yardstick)
     if problems:
         raise KernelsDiffer(f"{run_dir} and {yardstick_dir} ran on different kernels: {'; '.join(problems)}")
     return max_abs_diff(load_params(Path(run_dir) / "params.npz"), load_params(Path(yardstick_dir) / "params.npz"))
@@ -117,9 +125,13 @@ class Verdict:
         return json.dumps(data, indent=2)
 
 
-def recompute_settings(run_dir: Path, metrics: dict, out: Path, dataset: str | None) -> ReferenceSettings:
+def recompute_settings(
+    run_dir: Path, metrics: dict, out: Path, dataset: str | None, allow_pickle: bool = False
+) -> ReferenceSettings:
     """The reference settings that recompute `run_dir`: its training settings, refused where
-    the run cannot be recomputed exactly (by design)."""
+    the run cannot be recomputed exactly (by design).  A model, step or optimizer the run shipped
+    as pickled code (in `run_dir/code`) is run only if `allow_pickle`: the directory supplies both
+    the bytes and the names they are checked against."""
     given = metrics.get("settings") or {}
     if given.get("mode") == "async":
         raise SettingsError(
@@ -135,6 +147,12 @@ def recompute_settings(run_dir: Path, metrics: dict, out: Path, dataset: str | N
     train = {k: given[k] for k in TrainSettings.model_fields if k in given}
     if dataset:
         train["dataset"] = dataset
+    pickled = usercode.pickled_hashes(train.get(k, "") for k in ("model", "step", "optimizer", "task"))
+    if pickled and not allow_pickle:
+        raise SettingsError(
+            f"{run_dir} trained pickled code (pickle:{pickled[0][:12]}..., in {run_dir / 'code'}): recomputing it runs "
+            "that code here; set PANGEA_ALLOW_PICKLED_CODE=true if you trust the directory"
+        )
     if (Path(run_dir) / "code").is_dir():  # user code shipped by value (pangea.fit) travels with the run
         train["code_dir"] = Path(run_dir) / "code"
     workers = (metrics.get("kernels") or {}).get("workers") or {}
@@ -149,14 +167,16 @@ def verify(
     out: Path | None = None,
     dataset: str | None = None,
     progress=None,
+    allow_pickle: bool = False,
 ) -> Verdict:
-    """Recompute a finished run from its recorded plans in this process; compare with its params.npz."""
+    """Recompute a finished run from its recorded plans in this process; compare with its params.npz
+    (`allow_pickle`: see `recompute_settings`)."""
     from pangea.train.reference import Aggregation, train_reference
 
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
     out = out or run_dir / "verify"
-    settings = recompute_settings(run_dir, metrics, out, dataset)
+    settings = recompute_settings(run_dir, metrics, out, dataset, allow_pickle)
     notes = list(_kernel_notes(metrics))
     try:
         records = plans.read_jsonl(run_dir / "plans.jsonl")
@@ -214,6 +234,11 @@ def _kernel_notes(metrics: dict):
     recorded = metrics.get("kernels") or {}
     if not recorded:
         raise KernelsDiffer("the run has no `kernels` record (written by an older Pangea): cannot verify it exactly")
+    if metrics.get("format", 1) < FORMAT:
+        raise KernelsDiffer(
+            "the run was written by a Pangea whose workers sent mean gradients (now loss sums, which round "
+            "otherwise): verify it with that version"
+        )
     here = kernels.current()
     builds = {k["torch"] for k in [recorded["optimizer"], *recorded["workers"].values()]}
     if builds != {here.torch}:

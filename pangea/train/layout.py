@@ -4,8 +4,8 @@ The vector is the trainable parameters (in `named_parameters` order: the optimiz
 followed by the buffers (in `named_buffers` order: BatchNorm running statistics and the like,
 state that is not trained but must be the same everywhere).  A gradient message carries the
 same layout: the parameters' gradients, then the buffers as the shard's forward left them, so
-the orchestrator's sample-weighted mean gives the mean gradient and the mean running
-statistics in one pass.  Integer buffers (`num_batches_tracked`) travel as float32 (exact
+the orchestrator's one pass gives the mean gradient (the summed gradients over the summed
+counts, `pangea.train.aggregate`) and the mean running statistics (weighted by rows).  Integer buffers (`num_batches_tracked`) travel as float32 (exact
 below 2**24) and are rounded back.
 """
 

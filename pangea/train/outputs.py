@@ -37,6 +37,7 @@ class Metrics:
     staleness: dict[str, int] = field(default_factory=dict)  # async: applied gradients by staleness
     total_seconds: float = 0.0
     kernels: dict = field(default_factory=dict)  # who computed with what: see pangea.train.kernels
+    format: int = 2  # 2: workers sent loss-sum gradients and counts (pangea.train.exactness.FORMAT)
     plans: list[dict] = field(default_factory=list)  # per round: plans.RoundRecord, written to plans.jsonl
 
     def add_evaluation(self, round_: int, figures: dict[str, float], epochs_ended: int) -> None:

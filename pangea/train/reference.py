@@ -1,8 +1,8 @@
 """The yardstick: what a distributed run computes, in one plain process with no bus.
 
 Each round's shards are computed one after the other with the kernels the workers use
-(same torch build, device and intra-op thread count), their results summed in float64
-weighted by samples exactly as the orchestrator sums them (`RoundAccumulator`), and the same
+(same torch build, device and intra-op thread count), their results summed in float64 over
+their counts exactly as the orchestrator sums them (`RoundAccumulator`), and the same
 optimizer steps on the mean.  So a run's parameters equal these to the last bit or close to
 it, where a plain whole-batch loop (`--workers 1`) drifts: summing shard gradients rounds
 differently from one big matmul, and training amplifies the last bit.
@@ -23,7 +23,7 @@ import torch
 
 from pangea.settings import ReferenceSettings, SettingsError
 from pangea.train import diloco, kernels, plans
-from pangea.train.aggregate import RoundAccumulator
+from pangea.train.aggregate import RoundAccumulator, sums_on_wire
 from pangea.train.events import EventLog
 from pangea.train.outputs import Metrics, write_outputs
 from pangea.train.server import Server, build
@@ -160,7 +160,7 @@ def _round(
         {i: s.samples for i, s in enumerate(record.shards)},
         keep_rows=aggregation.robust,
         params_end=layout.param_numel,
-        summed=settings.mode != "diloco",
+        summed=sums_on_wire(settings.mode, settings.compression),
     )
     for i, shard in enumerate(record.shards):
         threads = shard.threads or default_threads

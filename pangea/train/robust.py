@@ -44,7 +44,7 @@ def krum(rows: np.ndarray, byzantine: int) -> np.ndarray:
 
 
 def combine(rows: np.ndarray, weights: np.ndarray, aggregator: str, byzantine: int) -> np.ndarray:
-    """One update from k contributions; `mean` is weighted by samples, the robust ones are not."""
+    """One update from k contributions; `mean` is weighted (by planned rows), the robust ones are not."""
     if aggregator == "mean":
         return np.average(rows, axis=0, weights=weights)
     if aggregator == "trimmed-mean":

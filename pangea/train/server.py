@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pangea.settings import TrainSettings
-from pangea.train import diloco
+from pangea.train import diloco, randomness
 from pangea.train.layout import Layout
 from pangea.train.models import build_model
 from pangea.train.sources import load_data
@@ -77,8 +77,6 @@ class Server:
         check_model(layout, settings)
         if settings.mode == "diloco":  # the outer optimizer, applied to the mean pseudo-gradient
             optimizer = diloco.outer_optimizer(settings.outer_lr, settings.outer_momentum, layout.params(model))
-            for group in optimizer.param_groups:
-                group.setdefault("base_lr", group["lr"])
         else:
             optimizer = build_optimizer(settings, model, layout)
         steps = total_rounds(settings, data)
@@ -103,12 +101,14 @@ class Server:
         apply_mean(self.settings, self.layout, self.model, self.optimizer, mean, r, self.total_rounds)
 
     def evaluate(self) -> dict[str, float]:
-        return self.task.evaluate(self.model, self.data)
+        """The task's figures, on generators seeded the same for every evaluation of the run."""
+        with randomness.seeded(randomness.evaluation_seed(self.settings.seed), "cpu"):
+            return self.task.evaluate(self.model, self.data)
 
     def load_optimizer(self, state: dict) -> None:
         """The optimizer's state from a checkpoint; a group saved before groups kept their base
         rate (`base_lr`) gets the one this run set."""
-        bases = [g["base_lr"] for g in self.optimizer.param_groups]
+        bases = [g.get("base_lr", g["lr"]) for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state)
         for group, base in zip(self.optimizer.param_groups, bases):
             group.setdefault("base_lr", base)

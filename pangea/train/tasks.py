@@ -70,11 +70,11 @@ class Task:
         for rows in data.eval_rows():
             batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in rows.items()}
             labels = self.name == "classify" and batch["y"].ndim == 1 and not batch["y"].is_floating_point()
-            if labels:  # a user step on other targets has no accuracy
-                output = steps.logits(steps.forward(model, batch))
+            output = steps.logits(steps.forward(model, batch)) if labels else None
+            if output is not None:  # a user step on other targets has no accuracy
                 correct += int((output.argmax(1) == batch["y"]).sum())
                 samples += len(batch["y"])
-            if self.step is steps.classify:  # the forward above is the step's: not twice
+            if output is not None and self.step is steps.classify:  # its forward is the one above
                 loss, n = nn.functional.cross_entropy(output, batch["y"], reduction="sum"), len(batch["y"])
             else:
                 loss, n = steps.run(self.step, model, batch, self.label)

@@ -44,7 +44,7 @@ def build_optimizer(settings: TrainSettings, model: nn.Module, layout) -> torch.
     """The server's optimizer over the model's trainable parameters: a built-in one, or a user
     factory's (`--optimizer module:factory`, called as `factory(model)`, with `lr=` and
     `weight_decay=` when it takes them), which may put the parameters in groups of their own
-    rates.  Each group keeps its rate as `base_lr`: the schedule scales it (`apply_mean`)."""
+    rates.  Each group's rate becomes its `base_lr`, which the schedule scales (`apply_mean`)."""
     if settings.optimizer in BUILT_IN_OPTIMIZERS:
         optimizer = make_optimizer(settings, layout.params(model))
     else:
@@ -60,7 +60,7 @@ def build_optimizer(settings: TrainSettings, model: nn.Module, layout) -> torch.
                 f"--optimizer {settings.optimizer}(model) failed: {type(exc).__name__}: {exc}"
             ) from None
         _check_covers(optimizer, model, layout, settings.optimizer)
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups:  # what the schedule scales (apply_mean sets it too, for others')
         group.setdefault("base_lr", group["lr"])
     return optimizer
 

@@ -152,7 +152,7 @@ class Gradient:
     compression: str = "none"
     scale: float = 1.0
     indices: Tensor = field(default_factory=lambda: Tensor("uint32", (0,), memoryview(b"")))
-    count: float = 0.0  # counted targets behind `values` (see tensor.capnp: how it weighs the sum)
+    count: float = -1.0  # counted targets behind `values` (tensor.capnp); -1: none given, refused
 
 
 @dataclass(frozen=True)
