@@ -126,7 +126,41 @@ class TrainSettings(_Base):
         "counted targets and their number (default: the task's step)",
     )
     dataset: str = Field(
-        "digits", description="`digits` or an .npz with x_train, y_train, x_test, y_test; for lm a .txt or uint16 .bin"
+        "digits",
+        description="`digits`, an .npz (x_train, y_train, x_test, y_test), a directory of NAME_train.npy / "
+        "NAME_test.npy, Parquet files, a Hugging Face save_to_disk directory, imagefolder:ROOT or module:factory; "
+        "for lm .txt or .bin token files (one, a directory or a glob)",
+    )
+    val_dataset: str | None = Field(
+        None, description="a separate evaluation source of the same kind (lm: the validation token files)"
+    )
+    transform: str = Field(
+        "",
+        pattern=rf"^({USER_CODE})?$",
+        description="module:function: transform(sample, rng) -> sample, per training sample, rng keyed by "
+        "(seed, epoch, index); rng is None for evaluation samples",
+    )
+    collate: str = Field(
+        "",
+        pattern=rf"^({USER_CODE})?$",
+        description="module:function: collate(samples, rng) -> batch, once per global batch before it is cut "
+        "(padding, mixup), rng keyed by (seed, epoch, step)",
+    )
+    columns: str = Field(
+        "",
+        pattern=r"^([A-Za-z_]\w*=[^,=]+(,[A-Za-z_]\w*=[^,=]+)*)?$",
+        description="NAME=column,...: a table's columns under the names steps read (x, y, ...); default: "
+        "columns named x and y, and every other column under its own name",
+    )
+    image_size: int = Field(32, ge=1, description="imagefolder: the side of the square crops (pixels)")
+    normalize: str = Field(
+        "",
+        pattern=r"^(imagenet|[-0-9.eE]+(,[-0-9.eE]+)*/[-0-9.eE]+(,[-0-9.eE]+)*)?$",
+        description="uint8 image bytes x reach the model as x / 255; then (x - mean) / std per channel: "
+        "imagenet or MEANS/STDS (e.g. 0.5,0.5,0.5/0.25,0.25,0.25)",
+    )
+    token_dtype: Literal["uint16", "uint32"] = Field(
+        "uint16", description="lm: the tokens of headerless .bin files (llm.c's shards say theirs in a header)"
     )
     model: str = Field(
         "mlp",
@@ -134,7 +168,9 @@ class TrainSettings(_Base):
     )
     hidden: str = Field("128", description="hidden layer widths of `mlp`, comma-separated")
     context: int = Field(128, ge=1, description="lm: tokens per window (the model's context)")
-    vocab: int = Field(0, ge=0, le=65536, description="lm: vocabulary of a .bin (0: 256 for .txt, else <file>.vocab)")
+    vocab: int = Field(
+        0, ge=0, le=1 << 32, description="lm: vocabulary of .bin tokens (0: 256 for .txt, else <file>.vocab)"
+    )
     val_fraction: float = Field(0.1, gt=0, lt=1, description="lm: the last fraction of the tokens, for validation")
     eval_windows: int = Field(256, ge=1, description="lm: validation windows per evaluation")
     eval_every: int = Field(
@@ -314,6 +350,12 @@ class PreprocessorSettings(BusSettings):
     """The preprocessor reads the dataset named in the job spec and publishes shards."""
 
     dataset: str | None = Field(None, description="override the job spec's dataset path on this host")
+    data_workers: int = Field(
+        1, ge=1, le=64, description="processes that decode and transform samples (the batches do not depend on it)"
+    )
+    code_dir: Path | None = Field(
+        None, description="where user code given as pickle:<sha256> is kept (pangea.fit writes it there)"
+    )
 
 
 class WorkerSettings(BusSettings):
@@ -346,6 +388,9 @@ class RunSettings(OrchestratorSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for workers")
     store_dir: Path | None = Field(
         None, description="JetStream store of the embedded server (default: temporary; set it to replay later)"
+    )
+    data_workers: int = Field(
+        1, ge=1, le=64, description="processes that decode and transform samples (the batches do not depend on it)"
     )
     secure: Literal["off", "password", "nkey", "jwt"] = Field(
         "off",

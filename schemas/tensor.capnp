@@ -202,6 +202,14 @@ struct JobSpec {
   # Elements of the flat vector that are trainable parameters; the rest are buffers
   # (0 from an older writer: all of numParams).
   paramNumel @47 :UInt64;
+  # Where samples come from, beyond `dataset` (README "Your own data"): the preprocessor's.
+  transform @48 :Text;    # per-sample transform(sample, rng), module:function or pickle:<sha256>
+  collate @49 :Text;      # global-batch collate(samples, rng)
+  valDataset @50 :Text;   # a separate evaluation source (token files: the validation stream)
+  columns @51 :Text;      # NAME=column,...: a table's columns under the names steps read
+  imageSize @52 :UInt32;  # imagefolder: the side of the square crops
+  normalize @53 :Text;    # workers: "" or "m,m,m/s,s,s" for uint8 image bytes, after x / 255
+  tokenDtype @54 :Text;   # headerless .bin token files: uint16 | uint32
 }
 
 # Published by the orchestrator after each optimizer step (progress, status).

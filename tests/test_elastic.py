@@ -282,9 +282,9 @@ def test_the_job_spec_carries_every_training_setting():
     from pangea.roles.jobspec import CARRIED, settings_from_spec, spec_from_settings
     from pangea.settings import OrchestratorSettings, TrainSettings
 
-    # hidden and vocab are converted, not dropped; code_dir is a path on the orchestrator's machine
+    # hidden, vocab and val_dataset are converted, not dropped; code_dir is a path on the orchestrator's machine
     # (what it names travels by its hash in the model, step or optimizer spec).
-    assert set(TrainSettings.model_fields) - set(CARRIED) == {"hidden", "vocab", "code_dir"}
+    assert set(TrainSettings.model_fields) - set(CARRIED) == {"hidden", "vocab", "code_dir", "val_dataset"}
     assert {"aggregator", "byzantine", "clip_norm", "policy", "shards"} <= set(CARRIED)
     settings = OrchestratorSettings(job="j", lr=0.123, hidden="7,5", compression="fp16", mode="diloco", outer_lr=0.3)
     spec = spec_from_settings(

@@ -51,7 +51,8 @@ if TYPE_CHECKING:
 
     from pangea.train.exactness import Verdict
 
-USER_CODE = ("model", "step", "optimizer", "task")  # the settings that may be Python objects
+# The settings that may be Python objects (a dataset as a factory of one, not the data itself).
+USER_CODE = ("model", "step", "optimizer", "task", "dataset", "transform", "collate")
 _ALLOW = "allow_pickled_code"
 
 
@@ -145,8 +146,9 @@ def fit(
     _refuse_unknown(cfg.RunSettings, settings, "pangea.fit")
     job = job or default_job_name()
     out = Path(out) if out is not None else Path("runs") / job
-    given = {"dataset": dataset, "workers": workers, "out": out, "job": job}
-    run = cfg.load(cfg.RunSettings, **given, **_shipped(model, step, optimizer, task, out, settings), **settings)
+    given = {"workers": workers, "out": out, "job": job}
+    code = dict(model=model, step=step, optimizer=optimizer, task=task, dataset=dataset)
+    run = cfg.load(cfg.RunSettings, **given, **_shipped(code, out, settings))
     run = _allowed(run)
     if _can_supervise_here():
         code = _supervise(run)
@@ -174,8 +176,9 @@ def reference(
 
     _refuse_unknown(cfg.ReferenceSettings, settings, "pangea.reference")
     out = Path(out) if out is not None else cfg.ReferenceSettings.model_fields["out"].default
-    given = {"dataset": dataset, "workers": workers, "out": out}
-    ref = cfg.load(cfg.ReferenceSettings, **given, **_shipped(model, step, optimizer, task, out, settings), **settings)
+    given = {"workers": workers, "out": out}
+    code = dict(model=model, step=step, optimizer=optimizer, task=task, dataset=dataset)
+    ref = cfg.load(cfg.ReferenceSettings, **given, **_shipped(code, out, settings))
     train_reference(ref)
     return Run.load(ref.out)
 
@@ -205,15 +208,17 @@ def _refuse_unknown(cls: type, settings: dict, caller: str) -> None:
         )
 
 
-def _shipped(model, step, optimizer, task, out: Path, settings: dict) -> dict:
-    """The user-code settings as specs, objects shipped into the code directory (`code_dir` when
-    given, else `<out>/code`), and `code_dir` set when something was pickled."""
+def _shipped(code: dict, out: Path, settings: dict) -> dict:
+    """The settings with every user-code one (`USER_CODE`, from `code` or `settings`) as a spec,
+    objects shipped into the code directory (`code_dir` when given, else `<out>/code`), and
+    `code_dir` set when something was pickled."""
     code_dir = Path(settings.get("code_dir") or out / "code").absolute()
-    given = {"model": model, "step": step, "optimizer": optimizer, "task": task}
+    given = {**code, **{name: settings[name] for name in USER_CODE if name in settings}}
     specs = {name: usercode.ship(obj, code_dir) for name, obj in given.items() if obj is not None}
+    rest = {k: v for k, v in settings.items() if k not in specs}
     if usercode.pickled_hashes(specs.values()) and "code_dir" not in settings:
-        specs["code_dir"] = code_dir
-    return specs
+        rest["code_dir"] = code_dir
+    return {**rest, **specs}
 
 
 def _allowed(run: cfg.RunSettings) -> cfg.RunSettings:

@@ -14,7 +14,8 @@ from pathlib import Path
 from pangea import settings as cfg
 
 TRAIN = (
-    "task step dataset model hidden context vocab val_fraction eval_windows eval_every layers heads dim "
+    "task step dataset val_dataset transform collate columns image_size normalize token_dtype "
+    "model hidden context vocab val_fraction eval_windows eval_every layers heads dim "
     "epochs max_steps batch_size micro_batch precision lr momentum weight_decay optimizer lr_schedule "
     "warmup_steps clip_grad seed compression topk_fraction"
 ).split()
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         "train with every role as a local process, on an embedded NATS unless PANGEA_NATS_URL",
         cfg.RunSettings,
-        "workers device torch_threads out store_dir resume checkpoint_every".split()
+        "workers device torch_threads data_workers out store_dir resume checkpoint_every".split()
         + ROBUST
         + SCALING
         + ["autoscale", "net_delay"],
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         "preprocessor",
         "run the preprocessor role: publishes each worker's shards",
         cfg.PreprocessorSettings,
-        ["dataset"],
+        ["dataset", "data_workers", "code_dir", "allow_pickled_code"],
         bus=True,
     )
     command(

@@ -25,7 +25,7 @@ from pangea.wire import codec
 from pangea.wire.messages import JobSpec
 
 log = logging.getLogger(__name__)
-_CONVERTED = {"job", "sender", "hidden", "vocab", "source_job"}
+_CONVERTED = {"job", "sender", "hidden", "vocab", "source_job", "val_dataset"}
 CARRIED = tuple(
     f.name
     for f in dataclasses.fields(JobSpec)
@@ -42,6 +42,7 @@ def spec_from_settings(settings: OrchestratorSettings, sender: str, **derived) -
         sender=sender,
         hidden=settings.hidden_sizes,
         source_job=settings.source_job or "",
+        val_dataset=settings.val_dataset or "",
         **carried,
         **derived,
     )
@@ -53,6 +54,9 @@ def settings_from_spec(spec: JobSpec) -> dict:
     values.update(hidden=",".join(map(str, spec.hidden)), vocab=spec.vocab)
     values["task"] = values["task"] or "classify"  # "" from a writer older than tasks
     values["precision"] = values["precision"] or "fp32"  # "" from a writer older than precisions
+    values["token_dtype"] = values["token_dtype"] or "uint16"  # "" from a writer older than uint32 tokens
+    values["image_size"] = values["image_size"] or 32
+    values["val_dataset"] = spec.val_dataset or None
     return values
 
 

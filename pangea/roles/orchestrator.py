@@ -124,7 +124,9 @@ class Orchestrator:
         kv = await self.bus.kv(subjects.job_bucket(self.job))
         # Pickled user code before the spec that names it: a worker that reads the spec finds it.
         s = self.settings
-        await publish_code(self.bus, [s.model, s.step, s.optimizer, s.task], s.code_dir)
+        await publish_code(
+            self.bus, [s.model, s.step, s.optimizer, s.task, s.dataset, s.transform, s.collate], s.code_dir
+        )
         # Each orchestrator that runs the job is a new generation: its plans and parameters
         # supersede those of a predecessor, even for a round number it already reached.
         previous = await self.bus.kv_get(subjects.job_bucket(self.job), subjects.JobKey.GENERATION)

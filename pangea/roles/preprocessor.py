@@ -11,20 +11,23 @@ job's stored batch stream instead of the dataset.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import resource
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 
 from pangea.bus import subjects
 from pangea.bus.client import Bus
 from pangea.errors import DataError
-from pangea.roles.jobspec import announce_preprocessor, wait_for_job_spec
-from pangea.settings import PreprocessorSettings
+from pangea.roles.code import fetch_code
+from pangea.roles.jobspec import announce_preprocessor, settings_from_spec, wait_for_job_spec
+from pangea.settings import PreprocessorSettings, TrainSettings
 from pangea.train.data import steps_per_epoch
 from pangea.train.plans import batch_rows, shard_rows
-from pangea.train.sources import load_data
+from pangea.train.sources import load_training_data
 from pangea.wire import codec
 from pangea.wire.messages import Batch, JobSpec, RoundPlan, Tensor
 
@@ -36,32 +39,40 @@ _STREAM_IDLE_SECONDS = 15.0
 class DatasetSource:
     """Global batches from the training set, in the seeded order every role agrees on."""
 
-    def __init__(self, spec: JobSpec, dataset_path: str) -> None:
-        self.data = load_data(
-            spec.task or "classify",
-            dataset_path,
-            step=spec.step,
-            context=spec.context,
-            vocab=spec.vocab,
-            val_fraction=spec.val_fraction,
-        )
+    def __init__(self, spec: JobSpec, settings: PreprocessorSettings, code_dir: Path | None) -> None:
+        train = settings_from_spec(spec)
+        train.update(dataset=settings.dataset or spec.dataset, code_dir=code_dir)
+        job = TrainSettings(**{k: v for k, v in train.items() if k in TrainSettings.model_fields})
+        self.data = load_training_data(job, workers=settings.data_workers, validation=False)
         if self.data.input_shape != spec.input_shape:
             raise DataError(
                 f"dataset {self.data.name} has samples of shape {self.data.input_shape}, job expects {spec.input_shape}"
             )
         self.spec = spec
         self.num_samples = self.data.num_samples
-        log.info("serving %d training samples of %s", self.num_samples, self.data.name)
+        log.info(
+            "serving %d training samples of %s (%d data workers)",
+            self.num_samples,
+            self.data.name,
+            settings.data_workers,
+        )
 
     async def global_batch(self, plan: RoundPlan) -> dict[str, np.ndarray]:
         rows = batch_rows(self.num_samples, self.spec.batch_size, plan.step)
         if rows != plan.batch_size:
             raise DataError(f"plan {plan.round} asks for {plan.batch_size} rows, global batch has {rows}")
-        return self.at(plan.epoch * steps_per_epoch(self.num_samples, self.spec.batch_size) + plan.step)
+        return await self.at(plan.epoch * steps_per_epoch(self.num_samples, self.spec.batch_size) + plan.step)
 
-    def at(self, global_step: int) -> dict[str, np.ndarray]:
-        """Global batch number `global_step` of the run (diloco rounds cover several), by name."""
-        return self.data.rows(self.spec.seed, self.spec.batch_size, global_step, 0, self.spec.batch_size)
+    async def at(self, global_step: int) -> dict[str, np.ndarray]:
+        """Global batch number `global_step` of the run (diloco rounds cover several), by name;
+        computed off the event loop (decoding images takes a while)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            None, self.data.rows, self.spec.seed, self.spec.batch_size, global_step, 0, self.spec.batch_size
+        )
+
+    def close(self) -> None:
+        getattr(self.data, "close", lambda: None)()  # a map source's pool of processes
 
 
 class StreamSource:
@@ -139,7 +150,9 @@ class Preprocessor:
         if spec.source_job:
             self.source = StreamSource(self.bus, spec.source_job)
         else:
-            self.source = DatasetSource(spec, self.settings.dataset or spec.dataset)
+            code = [spec.dataset, spec.transform, spec.collate, spec.val_dataset]
+            code_dir = await fetch_code(self.bus, code, self.settings.code_dir, self.settings.allow_pickled_code)
+            self.source = DatasetSource(spec, self.settings, code_dir)
         plans = await self.bus.pull("plans", subjects.plans(self.job), durable=SENDER, batch=16)
         await announce_preprocessor(self.bus)  # a new job's first round waits for this
         while True:
@@ -155,8 +168,16 @@ class Preprocessor:
                 continue
             if plan.final:
                 await delivery.ack()
+                if isinstance(self.source, DatasetSource):
+                    self.source.close()  # its data workers, whose peak RSS is then known
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-                log.info("final plan received after round %d: done; peak RSS %.0f MB", plan.round - 1, peak)
+                workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+                log.info(
+                    "final plan received after round %d: done; peak RSS %.0f MB (data workers: %.0f MB each at most)",
+                    plan.round - 1,
+                    peak,
+                    workers,
+                )
                 return
             stamp = (plan.generation, plan.round)
             if plan.ahead:
@@ -207,7 +228,7 @@ class Preprocessor:
         chosen = plan.reissue if plan.attempt else range(len(plan.shards))
         items = []
         for h in range(plan.inner_steps):
-            rows = self.source.at(first + h)
+            rows = await self.source.at(first + h)
             for i in chosen:
                 worker = plan.shards[i].worker
                 a, b = shard_rows(n, size, first + h, len(plan.shards), i)

@@ -12,7 +12,7 @@ import torch
 
 from pangea.errors import ModelError, SettingsError
 from pangea.settings import WorkerSettings
-from pangea.train import diloco, kernels
+from pangea.train import diloco, inputs
 from pangea.train.aggregate import sums_on_wire
 from pangea.train.layout import Layout
 from pangea.train.models import build_for
@@ -94,7 +94,7 @@ class Replica:
         )  # fmt: skip
 
     def _inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return {name: kernels.as_input(t.torch(), self.device) for name, t in batch.tensors.items()}
+        return inputs.tensors({name: t.torch() for name, t in batch.tensors.items()}, self.device, self.spec.normalize)
 
     # ------------------------------------------------------------------ what goes on the wire
 

@@ -37,7 +37,7 @@ class Dataset:
     """
 
     name: str
-    x_train: np.ndarray  # float32, (n, ...)
+    x_train: np.ndarray  # (n, ...): float32, or integers as stored (uint8 image bytes, token ids)
     y_train: np.ndarray  # int64 class labels (n,), or any targets for a user task
     x_test: np.ndarray
     y_test: np.ndarray
@@ -144,13 +144,26 @@ def _npz(path: Path, labels: bool = True) -> Dataset:
     extra_train, extra_test = _extra_arrays(path, arrays)
     return Dataset(
         path.stem,
-        arrays["x_train"].astype(np.float32),
+        _inputs(arrays["x_train"], path, "x_train"),
         arrays["y_train"].astype(y_type),
-        arrays["x_test"].astype(np.float32),
+        _inputs(arrays["x_test"], path, "x_test"),
         arrays["y_test"].astype(y_type),
         extra_train,
         extra_test,
     )
+
+
+def _inputs(x: np.ndarray, path: Path, name: str) -> np.ndarray:
+    """Inputs as a model takes them: floats as float32; integers and bools as stored, so that image
+    bytes travel as uint8 (a quarter of float32's; `pangea.train.inputs` makes them x / 255 at the
+    model) and token ids stay integers."""
+    if x.dtype.kind == "f":
+        return x.astype(np.float32)
+    if np.dtype(x.dtype).newbyteorder("=").name not in WIRE_DTYPES:
+        raise DataError(
+            f"{path}: {name} is {x.dtype}, which a Batch cannot carry: use one of {', '.join(sorted(WIRE_DTYPES))}"
+        )
+    return x
 
 
 def _extra_arrays(path: Path, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
@@ -189,7 +202,43 @@ def position(round_: int, num_samples: int, batch_size: int) -> tuple[int, int]:
     return divmod(round_, steps_per_epoch(num_samples, batch_size))
 
 
+# Up to this many samples an epoch's order is numpy's permutation of (seed, epoch), made whole
+# (128 MB of indices at the bound); past it, a keyed permutation that gives a batch's indices
+# alone, in memory and time of the batch's size (`_permuted`).
+PERMUTE_WHOLE = 1 << 24
+_FEISTEL_ROUNDS = 6
+
+
 def global_batch(num_samples: int, batch_size: int, seed: int, epoch: int, step: int) -> np.ndarray:
     """Sample indices of global batch `step` of `epoch`: a seeded shuffle, cut in order."""
-    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
-    return order[step * batch_size : (step + 1) * batch_size]
+    first, stop = step * batch_size, min((step + 1) * batch_size, num_samples)
+    if num_samples <= PERMUTE_WHOLE:
+        return np.random.default_rng([seed, epoch]).permutation(num_samples)[first:stop]
+    return _permuted(np.arange(first, max(first, stop), dtype=np.uint64), num_samples, seed, epoch).astype(np.int64)
+
+
+def _permuted(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
+    """Where `positions` go under a pseudo-random permutation of [0, n) keyed by (seed, epoch): a
+    balanced Feistel network on the bits of the smallest even-width square domain >= n, walked
+    again from any value past n (cycle walking: the domain is under 4n, so a few steps)."""
+    half = max(1, (max(2, n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    keys = np.random.SeedSequence([seed, epoch, 0x5045524D]).generate_state(_FEISTEL_ROUNDS, np.uint64)
+    out = positions.astype(np.uint64)
+    todo = np.ones(len(out), bool)
+    with np.errstate(over="ignore"):
+        while todo.any():
+            x = out[todo]
+            left, right = x >> np.uint64(half), x & mask
+            for key in keys:
+                left, right = right, left ^ (_mix(right ^ key) & mask)
+            out[todo] = (left << np.uint64(half)) | right
+            todo = out >= np.uint64(n)
+    return out
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: every bit of the result depends on every bit of x."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))

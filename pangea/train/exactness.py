@@ -19,7 +19,7 @@ import torch
 from pangea.settings import ReferenceSettings, SettingsError, TrainSettings
 from pangea.train import kernels, plans, usercode
 from pangea.train.outputs import load_params, max_abs_diff
-from pangea.train.sources import load_data
+from pangea.train.sources import load_training_data
 
 DEFAULT_TOLERANCE = 1e-6
 FORMAT = 2  # metrics.json `format`: 2, workers send loss-sum gradients and counts (1: mean gradients)
@@ -201,15 +201,7 @@ def verify(
         clip_norm=given.get("clip_norm", 0.0),
     )
     optimizer_threads = ((metrics.get("kernels") or {}).get("optimizer") or {}).get("threads", 0)
-    data = load_data(
-        settings.task,
-        settings.dataset,
-        step=settings.step,
-        context=settings.context,
-        vocab=settings.vocab,
-        val_fraction=settings.val_fraction,
-        eval_windows=settings.eval_windows,
-    )
+    data = load_training_data(settings)
     n = data.num_samples
     problems = [p for r in records if (p := plans.partition_problem(r, n, settings.batch_size))]
     train_reference(

@@ -18,19 +18,25 @@ the data, keyed per sample.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import random
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 
 _STEP = 0x53544550  # "STEP": keeps these seeds apart from any other use of the run's seed
 _EVALUATION = 0x4556414C  # "EVAL"
+_SAMPLE = 0x53414D50  # "SAMP"
 
 
 def step_seed(seed: int, global_step: int, start: int, stop: int) -> int:
     """The seed of the step over rows [start, stop) of global batch `global_step` (a 63-bit int)."""
     return _derive(seed, _STEP, global_step, start, stop)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample `index`'s transform in `epoch` (for its torch, numpy and Python draws)."""
+    return _derive(seed, _SAMPLE, epoch, index)
 
 
 def evaluation_seed(seed: int) -> int:
@@ -45,19 +51,30 @@ def _derive(*key: int) -> int:
 
 
 @contextlib.contextmanager
-def seeded(seed: int, device: torch.device | str) -> Iterator[None]:
+def seeded(seed: int, device="cpu", *, with_torch: bool = True) -> Iterator[None]:
     """Run a block on torch's generators (the CPU's, and the device's if it is CUDA), numpy's global
     generator and Python's `random`, all seeded from `seed`, restoring their states after: the
-    block's draws are a function of `seed` alone."""
-    device = torch.device(device)
-    devices = [device] if device.type == "cuda" else []
+    block's draws are a function of `seed` alone.  `with_torch=False`: code known not to touch
+    torch (the built-in image transform), so a data worker need not import it."""
     numpy_state, python_state = np.random.get_state(), random.getstate()
+    torch = importlib.import_module("torch") if with_torch else None
     try:
-        with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
-            torch.manual_seed(seed)
+        with _torch_forked(torch, seed, device):
             np.random.seed(seed & 0xFFFFFFFF)
             random.seed(seed)
             yield
     finally:
         np.random.set_state(numpy_state)
         random.setstate(python_state)
+
+
+@contextlib.contextmanager
+def _torch_forked(torch, seed: int, device) -> Iterator[None]:
+    if torch is None:
+        yield
+        return
+    device = torch.device(device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
+        torch.manual_seed(seed)
+        yield

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from pangea.settings import ReferenceSettings, SettingsError
-from pangea.train import diloco, kernels, plans
+from pangea.train import diloco, inputs, kernels, plans
 from pangea.train.aggregate import RoundAccumulator, sums_on_wire
 from pangea.train.events import EventLog
 from pangea.train.outputs import Metrics, write_outputs
@@ -206,4 +206,4 @@ def _record(
 def _rows(dataset, settings: ReferenceSettings, global_step: int, start: int, stop: int) -> dict[str, torch.Tensor]:
     """Rows [start, stop) of a global batch as a worker receives them, on the device."""
     rows = dataset.rows(settings.seed, settings.batch_size, global_step, start, stop)
-    return {name: kernels.as_input(torch.from_numpy(array), settings.device) for name, array in rows.items()}
+    return inputs.tensors(rows, settings.device, settings.normalize)

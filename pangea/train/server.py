@@ -14,22 +14,9 @@ from pangea.settings import TrainSettings
 from pangea.train import diloco, randomness
 from pangea.train.layout import Layout
 from pangea.train.models import build_model
-from pangea.train.sources import load_data
+from pangea.train.sources import load_training_data
 from pangea.train.tasks import Task, get_task, probe
 from pangea.train.training import apply_mean, build_optimizer, check_model, total_rounds
-
-
-def load_training_data(settings: TrainSettings):
-    """The samples `settings` train on (arrays, or a token file for --task lm)."""
-    return load_data(
-        settings.task,
-        settings.dataset,
-        step=settings.step,
-        context=settings.context,
-        vocab=settings.vocab,
-        val_fraction=settings.val_fraction,
-        eval_windows=settings.eval_windows,
-    )
 
 
 def build(settings: TrainSettings, data) -> nn.Module:
@@ -71,7 +58,7 @@ class Server:
         task = task_of(settings)
         data = data or load_training_data(settings)
         model = build(settings, data)
-        probe(task, model, data, settings.model)
+        probe(task, model, data, settings.model, settings.normalize)
         model.train()
         layout = Layout.of(model)
         check_model(layout, settings)
@@ -103,7 +90,7 @@ class Server:
     def evaluate(self) -> dict[str, float]:
         """The task's figures, on generators seeded the same for every evaluation of the run."""
         with randomness.seeded(randomness.evaluation_seed(self.settings.seed), "cpu"):
-            return self.task.evaluate(self.model, self.data)
+            return self.task.evaluate(self.model, self.data, self.settings.normalize)
 
     def load_optimizer(self, state: dict) -> None:
         """The optimizer's state from a checkpoint; a group saved before groups kept their base

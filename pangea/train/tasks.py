@@ -22,12 +22,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from pangea.errors import TaskError
-from pangea.train import steps, usercode
+from pangea.train import inputs, steps, usercode
 from pangea.train.data import Dataset
 from pangea.train.tokens import TokenData
 
@@ -60,7 +59,7 @@ class Task:
         return self.step_name or f"--task {self.name}"
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: Dataset | TokenData) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, data: Dataset | TokenData, normalize: str = "") -> dict[str, float]:
         """The model's figures on held-out data (test set, or validation windows), in eval mode:
         the step's mean loss over counted targets, and accuracy for `classify`."""
         was_training = model.training
@@ -68,7 +67,7 @@ class Task:
         device = next(model.parameters()).device
         loss_sum, count, correct, samples = 0.0, 0.0, 0, 0
         for rows in data.eval_rows():
-            batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in rows.items()}
+            batch = inputs.tensors(rows, device, normalize)
             labels = self.name == "classify" and batch["y"].ndim == 1 and not batch["y"].is_floating_point()
             output = steps.logits(steps.forward(model, batch)) if labels else None
             if output is not None:  # a user step on other targets has no accuracy
@@ -139,11 +138,10 @@ def _signature(function, spec: str, what: str, args: tuple, contract: str) -> No
         pass
 
 
-def probe(task: Task, model: nn.Module, data: Dataset | TokenData, model_name: str) -> None:
+def probe(task: Task, model: nn.Module, data: Dataset | TokenData, model_name: str, normalize: str = "") -> None:
     """One sample through the model and the step, before any process relies on them: a mismatch
     (a context longer than the model's, a step that returns no scalar) is one line, not a crash."""
-    rows = data.rows(0, 1, 0, 0, 1)
-    batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rows.items()}
+    batch = inputs.tensors(data.rows(0, 1, 0, 0, 1), "cpu", normalize)
     was_training = model.training
     model.eval()  # touches no running statistics, and takes a batch of one
     try:

@@ -265,6 +265,13 @@ class JobSpec:
     micro_batch: int = 0  # rows per piece of a shard's gradient accumulation (0: whole shard)
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     param_numel: int = 0  # trainable elements of the flat vector, the rest buffers (0: all)
+    transform: str = ""  # the data's own hooks and options (pangea.train.samples), "": none
+    collate: str = ""
+    val_dataset: str = ""
+    columns: str = ""
+    image_size: int = 0
+    normalize: str = ""
+    token_dtype: str = "uint16"
 
 
 @dataclass(frozen=True)
