@@ -175,9 +175,18 @@ def _image(data: bytes | None, table: str, name: str) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
 
 
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401 - with it
+    except ImportError:
+        raise DataError("Parquet files and Hugging Face directories need pyarrow: pip install 'pangea[data]'") from None
+    return pyarrow
+
+
 def parquet_table(spec: str) -> ArrowTable:
     """Parquet files (a file, a directory of *.parquet, or a glob) as one table, in name order."""
-    import pyarrow.parquet as pq
+    pq = _pyarrow().parquet
 
     files = _files(spec, "*.parquet")
     readers = [pq.ParquetFile(f) for f in files]
@@ -208,7 +217,7 @@ def hf_splits(directory: Path) -> tuple[ArrowTable, ArrowTable | None]:
 
 
 def _arrow_dir(directory: Path) -> ArrowTable:
-    import pyarrow as pa
+    pa = _pyarrow()
 
     try:
         state = json.loads((directory / "state.json").read_text())
