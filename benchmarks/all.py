@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from benchmarks import codec, goodput, lab, latency, pipe, tokens, train
+from benchmarks import codec, data, goodput, lab, latency, pipe, tokens, train
 from benchmarks import round as round_  # the module, not the builtin
 from benchmarks.common import RESULTS, machine, record
 
@@ -37,6 +37,10 @@ BENCHMARKS = {
     "tokens": (
         tokens.run,
         "language-model tokens/s of `pangea run` vs torch DDP (gloo), same K, batches and initial weights",
+    ),
+    "data": (
+        data.run,
+        "images/s of the preprocessor's data path (decode, random crop and flip) vs a torch DataLoader with as many workers",
     ),
     "goodput": (
         goodput.run,
@@ -71,6 +75,8 @@ def _goals(name: str, rows: list[dict]) -> list[str]:
         return [latency.goal_line(rows)]
     if name == "lab":
         return lab.notes(rows)
+    if name == "data":
+        return [data.goal_line(rows)]
     return []
 
 

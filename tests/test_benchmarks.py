@@ -25,6 +25,18 @@ def test_round_quick():
 
 
 @pytest.mark.slow
+def test_data_once():
+    """A small folder: both sides give positive images/s for 1 and 2 data workers."""
+    from benchmarks import data
+
+    rows = data.run(images=256, batches=3)
+    assert [r["data workers"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["pangea images/s"] > 0 and row["DataLoader images/s"] > 0 and math.isfinite(row["ratio"]), row
+    assert "goal >= 0.8" in data.goal_line(rows)
+
+
+@pytest.mark.slow
 def test_latency_once():
     """One run of each kind: a bare two-hop median and a tiny-model round, both positive."""
     (row,) = latency_benchmark.run(runs=1, trips=30)

@@ -77,7 +77,7 @@ class ImageTransform:
     """The built-in transform: random resized crop and flip (training), resize and center crop
     (evaluation, rng None); (3, size, size) uint8 out."""
 
-    numpy_only = True  # draws from its rng alone: no torch generator to seed around it
+    rng_only = True  # draws from its rng alone: no global generator to seed around it
 
     def __init__(self, size: int) -> None:
         self.size = size

@@ -51,13 +51,12 @@ def _derive(*key: int) -> int:
 
 
 @contextlib.contextmanager
-def seeded(seed: int, device="cpu", *, with_torch: bool = True) -> Iterator[None]:
+def seeded(seed: int, device="cpu") -> Iterator[None]:
     """Run a block on torch's generators (the CPU's, and the device's if it is CUDA), numpy's global
     generator and Python's `random`, all seeded from `seed`, restoring their states after: the
-    block's draws are a function of `seed` alone.  `with_torch=False`: code known not to touch
-    torch (the built-in image transform), so a data worker need not import it."""
+    block's draws are a function of `seed` alone."""
     numpy_state, python_state = np.random.get_state(), random.getstate()
-    torch = importlib.import_module("torch") if with_torch else None
+    torch = importlib.import_module("torch")
     try:
         with _torch_forked(torch, seed, device):
             np.random.seed(seed & 0xFFFFFFFF)
@@ -70,9 +69,6 @@ def seeded(seed: int, device="cpu", *, with_torch: bool = True) -> Iterator[None
 
 @contextlib.contextmanager
 def _torch_forked(torch, seed: int, device) -> Iterator[None]:
-    if torch is None:
-        yield
-        return
     device = torch.device(device)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
