@@ -103,13 +103,22 @@ class MapSource:
 
     @property
     def num_classes(self) -> int:
-        """Classes of integer labels; for other targets, the number of values per sample."""
-        y = self._first["y"]
-        if not (self.labels and np.issubdtype(y.dtype, np.integer) and y.ndim == 0):
-            return int(np.prod(y.shape, dtype=np.int64))
+        """The classes the data declares (a table's `num_classes`, a ClassLabel's names); else for
+        integer labels the largest + 1, and for other targets the values per sample (as a batch
+        holds them: after the collate)."""
         if self._num_classes is None:
-            self._num_classes = _count_classes(self.name, self.train, self.evaluation, self.hooks.columns)
+            self._num_classes = self._classes()
         return self._num_classes
+
+    def _classes(self) -> int:
+        for table in (self.train, self.evaluation):
+            declared = getattr(table, "num_classes", None)
+            if isinstance(declared, int) and declared > 0:
+                return declared
+        y = self.rows(0, 1, 0, 0, 1)["y"][0]
+        if self.labels and np.issubdtype(y.dtype, np.integer) and y.ndim == 0:
+            return _count_classes(self.name, self.train, self.hooks.columns)
+        return int(np.prod(y.shape, dtype=np.int64))
 
     def rows(self, seed: int, batch_size: int, global_step: int, start: int, stop: int) -> Sample:
         """Rows [start, stop) of global batch `global_step`, by name."""
@@ -291,13 +300,9 @@ def _stack(samples: Sequence[Sample], where: str) -> Sample:
     return out
 
 
-def _count_classes(name: str, train, evaluation, columns: Mapping[str, str]) -> int:
-    """Classes of a table with integer labels: its own `num_classes`, else its largest label + 1
-    (read from the label column of a built-in table, or from every sample of a small one)."""
-    for table in (train, evaluation):
-        found = getattr(table, "num_classes", None)
-        if isinstance(found, int) and found > 0:
-            return found
+def _count_classes(name: str, train, columns: Mapping[str, str]) -> int:
+    """Classes of a table with integer labels and no declared count: its largest label + 1 (read
+    from the label column of a built-in table, or from every sample of a small one)."""
     labels = getattr(train, "labels", None)
     if callable(labels):
         return int(max(np.max(labels(columns.get("y", "y"))), 0)) + 1
