@@ -26,9 +26,9 @@ NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 # by the sha256 of its bytes.
 USER_CODE = r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*|pickle:[0-9a-f]{64}"
 ALLOW_PICKLED_CODE = (
-    "run a model, step or optimizer shipped as pickled code (pickle:<sha256>, from pangea.fit): a worker "
-    "fetching it from the job's code bucket, verify and reference --plans-from reading a run's code/; "
-    "whoever wrote those bytes can then run code here"
+    "run a model, step, optimizer, dataset, transform or collate shipped as pickled code (pickle:<sha256>, "
+    "from pangea.fit): a worker or preprocessor fetching it from the job's code bucket, verify and reference "
+    "--plans-from reading a run's code/; whoever wrote those bytes can then run code here"
 )
 
 

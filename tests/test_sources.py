@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pangea.errors import DataError
+from pangea.errors import DataError, SettingsError
 from pangea.train import inputs
 from pangea.train.data import load_dataset
 from pangea.train.samples import sample_rng
@@ -46,6 +46,31 @@ def noisy(sample, rng):
         return sample
     x = np.asarray(sample["x"]) + rng.normal(size=4).astype(np.float32) + torch.rand(4).numpy()
     return {"x": x, "y": sample["y"]}
+
+
+class Random:
+    """A torchvision-style dataset: its own __getitem__ draws (from torch's and numpy's generators)."""
+
+    num_classes = 2
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        return {"x": torch.rand(3).numpy() + np.random.random(3).astype(np.float32), "y": i % 2}
+
+
+def random_only():
+    return Random(), None
+
+
+def training_only(sample, rng):
+    """A transform that forgets evaluation samples (rng None)."""
+    return {"x": sample["x"] * rng.random(), "y": sample["y"]}
+
+
+def uint16():
+    return [{"x": np.zeros(2, np.uint16), "y": 0}] * 4
 
 
 def scaled(samples, rng):
@@ -91,6 +116,21 @@ def test_a_global_batch_does_not_depend_on_its_cut_or_on_the_pool(on_path):
     assert not np.array_equal(one.rows(7, 16, 6, 0, 16)["x"], whole["x"])  # another step: other draws
 
 
+def test_a_datasets_own_draws_are_keyed_too(on_path):
+    """A dataset whose __getitem__ draws (a torchvision-style transform inside it): the same bytes
+    whatever the process computed before and whichever pool computes them."""
+    one = load_data("classify", "pangea_data_user:random_only")
+    one.rows(0, 8, 3, 0, 8)  # another history of the process's generators
+    torch.rand(5)
+    first = one.rows(0, 8, 0, 0, 8)["x"]
+    pooled = load_data("classify", "pangea_data_user:random_only", workers=2)
+    try:
+        assert pooled.rows(0, 8, 0, 0, 8)["x"].tobytes() == first.tobytes()
+    finally:
+        pooled.close()
+    assert not np.array_equal(one.rows(0, 8, 1, 0, 8)["x"], first)
+
+
 def test_a_samples_draws_are_keyed_by_seed_epoch_and_index(on_path):
     """The transform's numpy and torch draws for sample i in epoch e: what a one-process
     computation of the same samples gives, and other draws in another epoch."""
@@ -123,6 +163,14 @@ def test_the_collate_sees_the_whole_global_batch_once(on_path):
     np.testing.assert_array_equal(fresh.rows(1, 12, 2, 4, 9)["x"], whole[4:9])
 
 
+def test_a_transform_that_cannot_take_evaluation_samples_fails_before_round_0(on_path):
+    from pangea.settings import ReferenceSettings
+    from pangea.train.server import Server
+
+    with pytest.raises(DataError, match="the transform failed on sample 0: AttributeError"):
+        Server.build(ReferenceSettings(dataset="pangea_data_user:splits", transform="pangea_data_user:training_only"))
+
+
 def test_evaluation_samples_are_not_randomized(on_path):
     source = _source()
     first, second = (np.concatenate([b["x"] for b in source.eval_rows(7)]) for _ in range(2))
@@ -142,6 +190,8 @@ def test_a_bad_dataset_factory_is_one_line(on_path, tmp_path):
             load_data("classify", "pangea_bad_data:nothing")
         with pytest.raises(DataError, match="a mapping of arrays or an \\(x, y\\) pair"):
             load_data("classify", "pangea_bad_data:pairs")
+        with pytest.raises(DataError, match="'x' is uint16, which a Batch cannot carry"):
+            load_data("classify", "pangea_data_user:uint16")
     finally:
         sys.path.remove(str(tmp_path))
 
@@ -223,8 +273,35 @@ def test_a_hugging_face_directory_gives_its_splits_and_classes(tmp_path):
     datasets.DatasetDict({"train": split(30), "test": split(8)}).save_to_disk(str(tmp_path / "hf"))
     source = load_data("classify", str(tmp_path / "hf"), columns="y=label")
     assert source.num_samples == 30 and source.num_classes == 7  # the ClassLabel's, not the largest label + 1
+    other = datasets.Features(
+        {"domain": datasets.ClassLabel(num_classes=3), "x": datasets.Value("float32"), "label": datasets.Value("int64")}
+    )
+    table = datasets.Dataset.from_dict({"domain": [0] * 6, "x": [0.5] * 6, "label": list(range(6))}, features=other)
+    table.save_to_disk(str(tmp_path / "two"))
+    assert load_data("classify", f"hf:{tmp_path / 'two'}", columns="y=label").num_classes == 6  # y's, not domain's
     assert source.rows(0, 30, 0, 0, 30)["x"].dtype == np.float32
     assert sum(len(b["y"]) for b in source.eval_rows()) == 8
+
+
+def test_text_columns_reach_a_transform_and_a_missing_pair_is_none(tmp_path, on_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["ab", "abcd", "a"] * 4, "label": [0, 1, 0] * 4}), tmp_path / "t.parquet")
+    (tmp_path / "pangea_text.py").write_text(
+        "import numpy as np\n\ndef lengths(sample, rng):\n"
+        "    return {'x': np.array([len(sample['text'])], np.float32), 'y': sample['label']}\n"
+    )
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        source = load_data("classify", str(tmp_path / "t.parquet"), transform="pangea_text:lengths")
+        assert sorted(source.rows(0, 12, 0, 0, 12)["x"][:, 0].tolist()) == [1.0] * 4 + [2.0] * 4 + [4.0] * 4
+        with pytest.raises(DataError, match="'text' holds <U"):
+            load_data("classify", str(tmp_path / "t.parquet"), columns="y=label")
+    finally:
+        sys.path.remove(str(tmp_path))
 
 
 def test_npy_files_keep_their_dtype_and_are_read_by_row(tmp_path):
@@ -240,10 +317,12 @@ def test_npy_files_keep_their_dtype_and_are_read_by_row(tmp_path):
     np.testing.assert_array_equal(rows["x"][:, 0] // 6 % 5, rows["y"])
 
 
-def test_an_npz_keeps_integer_inputs_as_they_are_stored(tmp_path):
+def test_an_npz_reads_its_inputs_as_float32_as_it_always_has(tmp_path):
+    """Jobs and replays of .npz data stay what they were (npy:DIR is where dtypes travel as stored)."""
     x = np.arange(20 * 4, dtype=np.uint8).reshape(20, 4)
     np.savez(tmp_path / "bytes.npz", x_train=x, y_train=np.arange(20) % 2, x_test=x[:4], y_test=np.zeros(4, int))
-    assert load_dataset(str(tmp_path / "bytes.npz")).x_train.dtype == np.uint8
+    data = load_dataset(str(tmp_path / "bytes.npz"))
+    assert data.x_train.dtype == np.float32 and data.x_train.max() == 79.0
 
 
 # ---------------------------------------------------------------- the inputs a step gets
@@ -256,6 +335,10 @@ def test_image_bytes_reach_the_model_as_floats_in_zero_one_normalized():
     normalized = inputs.tensors({"x": x}, "cpu", "0.5,0.5,0.5/0.5,0.25,0.5")
     np.testing.assert_allclose(normalized["x"][0, :, 0, 0].numpy(), [-1.0, (0.2 - 0.5) / 0.25, 1.0], rtol=1e-6)
     assert inputs.tensors({"x": np.ones((2, 3), np.int64)}, "cpu")["x"].dtype == torch.int64  # token ids stay
+    floats = inputs.tensors({"x": np.full((1, 2, 1), 0.5, np.float32)}, "cpu", "0.25,0.5/0.5,0.25")
+    assert floats["x"].flatten().tolist() == [0.5, 0.0]  # floats normalized as they are
+    with pytest.raises(SettingsError, match="x is torch.int64, not image bytes or floats"):
+        inputs.tensors({"x": np.ones((2, 3), np.int64)}, "cpu", "imagenet")
 
 
 # ---------------------------------------------------------------- token files

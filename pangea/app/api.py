@@ -214,6 +214,11 @@ def _shipped(code: dict, out: Path, settings: dict) -> dict:
     `code_dir` set when something was pickled."""
     code_dir = Path(settings.get("code_dir") or out / "code").absolute()
     given = {**code, **{name: settings[name] for name in USER_CODE if name in settings}}
+    if isinstance(given.get("dataset"), os.PathLike):
+        given["dataset"] = os.fspath(given["dataset"])  # a path names data; only a factory is code
+    for name, obj in given.items():
+        if obj is not None and not isinstance(obj, str) and not callable(obj) and name != "model":
+            raise SettingsError(f"{name}={type(obj).__name__}: give a name, or a function (a factory, for a dataset)")
     specs = {name: usercode.ship(obj, code_dir) for name, obj in given.items() if obj is not None}
     rest = {k: v for k, v in settings.items() if k not in specs}
     if usercode.pickled_hashes(specs.values()) and "code_dir" not in settings:

@@ -43,7 +43,9 @@ class DatasetSource:
         train = settings_from_spec(spec)
         train.update(dataset=settings.dataset or spec.dataset, code_dir=code_dir)
         job = TrainSettings(**{k: v for k, v in train.items() if k in TrainSettings.model_fields})
-        self.data = load_training_data(job, workers=settings.data_workers, validation=False)
+        self.data = load_training_data(
+            job, workers=settings.data_workers, validation=False, allow_pickle=settings.allow_pickled_code
+        )
         if self.data.input_shape != spec.input_shape:
             raise DataError(
                 f"dataset {self.data.name} has samples of shape {self.data.input_shape}, job expects {spec.input_shape}"
@@ -65,14 +67,17 @@ class DatasetSource:
 
     async def at(self, global_step: int) -> dict[str, np.ndarray]:
         """Global batch number `global_step` of the run (diloco rounds cover several), by name;
-        computed off the event loop (decoding images takes a while)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            None, self.data.rows, self.spec.seed, self.spec.batch_size, global_step, 0, self.spec.batch_size
-        )
+        computed off the event loop (decoding images takes a while), unless making its samples sets
+        the process's global generators (a user's dataset or transform): the bus client draws from
+        Python's `random` when it connects, and must not draw in the middle of a sample."""
+        args = (self.spec.seed, self.spec.batch_size, global_step, 0, self.spec.batch_size)
+        if getattr(self.data, "touches_globals", False):
+            return self.data.rows(*args)
+        return await asyncio.get_running_loop().run_in_executor(None, self.data.rows, *args)
 
     def close(self) -> None:
-        getattr(self.data, "close", lambda: None)()  # a map source's pool of processes
+        """Stop a map source's pool of data workers."""
+        getattr(self.data, "close", lambda: None)()
 
 
 class StreamSource:

@@ -37,7 +37,7 @@ class Dataset:
     """
 
     name: str
-    x_train: np.ndarray  # (n, ...): float32, or integers as stored (uint8 image bytes, token ids)
+    x_train: np.ndarray  # float32, (n, ...): as every .npz has been read (npy:DIR keeps dtypes)
     y_train: np.ndarray  # int64 class labels (n,), or any targets for a user task
     x_test: np.ndarray
     y_test: np.ndarray
@@ -144,26 +144,13 @@ def _npz(path: Path, labels: bool = True) -> Dataset:
     extra_train, extra_test = _extra_arrays(path, arrays)
     return Dataset(
         path.stem,
-        _inputs(arrays["x_train"], path, "x_train"),
+        arrays["x_train"].astype(np.float32),
         arrays["y_train"].astype(y_type),
-        _inputs(arrays["x_test"], path, "x_test"),
+        arrays["x_test"].astype(np.float32),
         arrays["y_test"].astype(y_type),
         extra_train,
         extra_test,
     )
-
-
-def _inputs(x: np.ndarray, path: Path, name: str) -> np.ndarray:
-    """Inputs as a model takes them: floats as float32; integers and bools as stored, so that image
-    bytes travel as uint8 (a quarter of float32's; `pangea.train.inputs` makes them x / 255 at the
-    model) and token ids stay integers."""
-    if x.dtype.kind == "f":
-        return x.astype(np.float32)
-    if np.dtype(x.dtype).newbyteorder("=").name not in WIRE_DTYPES:
-        raise DataError(
-            f"{path}: {name} is {x.dtype}, which a Batch cannot carry: use one of {', '.join(sorted(WIRE_DTYPES))}"
-        )
-    return x
 
 
 def _extra_arrays(path: Path, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:

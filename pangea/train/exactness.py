@@ -147,7 +147,8 @@ def recompute_settings(
     train = {k: given[k] for k in TrainSettings.model_fields if k in given}
     if dataset:
         train["dataset"] = dataset
-    pickled = usercode.pickled_hashes(train.get(k, "") for k in ("model", "step", "optimizer", "task"))
+    code = ("model", "step", "optimizer", "task", "dataset", "transform", "collate", "val_dataset")
+    pickled = usercode.pickled_hashes(train.get(k) or "" for k in code)
     if pickled and not allow_pickle:
         raise SettingsError(
             f"{run_dir} trained pickled code (pickle:{pickled[0][:12]}..., in {run_dir / 'code'}): recomputing it runs "

@@ -18,7 +18,6 @@ the data, keyed per sample.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import random
 from collections.abc import Iterator
 
@@ -55,8 +54,9 @@ def seeded(seed: int, device="cpu") -> Iterator[None]:
     """Run a block on torch's generators (the CPU's, and the device's if it is CUDA), numpy's global
     generator and Python's `random`, all seeded from `seed`, restoring their states after: the
     block's draws are a function of `seed` alone."""
+    import torch  # here: a data worker whose samples need no seeding never imports it
+
     numpy_state, python_state = np.random.get_state(), random.getstate()
-    torch = importlib.import_module("torch")
     try:
         with _torch_forked(torch, seed, device):
             np.random.seed(seed & 0xFFFFFFFF)

@@ -34,7 +34,7 @@ import numpy as np
 
 from pangea.errors import DataError
 from pangea.train import randomness
-from pangea.train.data import global_batch, position
+from pangea.train.data import WIRE_DTYPES, global_batch, position
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class MapSource:
         self._last: tuple[tuple[int, int, int], Sample] | None = None  # the last global batch: shards reuse it
         if len(train) == 0:
             raise DataError(f"{name}: no training samples")
-        self._first = self._sample(train, 0, 0, 0, train=True)  # shapes and dtypes, checked once
+        self._first = self.samples_of(train, 0, 0, [0], train=True)[0]  # shapes and dtypes, checked once
         if "x" not in self._first or "y" not in self._first:
             names = ", ".join(self._first) or "none"
             raise DataError(f"{name}: samples need x and y (they have {names}): map columns with --columns x=...,y=...")
@@ -111,30 +111,39 @@ class MapSource:
         return self._num_classes
 
     def _classes(self) -> int:
+        column = self.hooks.columns.get("y", "y")
         for table in (self.train, self.evaluation):
-            declared = getattr(table, "num_classes", None)
+            counted = getattr(table, "class_count", None)  # a table that knows its columns' classes
+            declared = counted(column) if callable(counted) else getattr(table, "num_classes", None)
             if isinstance(declared, int) and declared > 0:
                 return declared
         y = self.rows(0, 1, 0, 0, 1)["y"][0]
-        if self.labels and np.issubdtype(y.dtype, np.integer) and y.ndim == 0:
-            return _count_classes(self.name, self.train, self.hooks.columns)
+        if np.issubdtype(y.dtype, np.integer) and y.ndim == 0:
+            return _count_classes(self.name, self.train, column)
         return int(np.prod(y.shape, dtype=np.int64))
 
     def rows(self, seed: int, batch_size: int, global_step: int, start: int, stop: int) -> Sample:
-        """Rows [start, stop) of global batch `global_step`, by name."""
+        """Rows [start, stop) of global batch `global_step`, by name (the last global batch is kept:
+        its shards, and a re-issue, cut it again)."""
         key = (seed, batch_size, global_step)
         if self._last is None or self._last[0] != key:
-            self._last = (key, self._global_batch(seed, batch_size, global_step))
+            self._last = (key, self.global_batch(seed, batch_size, global_step))
         return {k: v[start:stop] for k, v in self._last[1].items()}
+
+    @property
+    def touches_globals(self) -> bool:
+        """Whether making a sample sets the process's global generators (a user's dataset or
+        transform may draw from them): then nothing else may draw meanwhile, not even another
+        thread of the process."""
+        return self.hooks.global_draws or not getattr(self.train, "deterministic", False)
 
     def eval_rows(self, size: int = 256):
         """The evaluation samples in batches (none without an evaluation split)."""
         if self.evaluation is None:
             return
         for first in range(0, len(self.evaluation), size):
-            indices = range(first, min(first + size, len(self.evaluation)))
-            samples = [self._sample(self.evaluation, 0, 0, i, train=False) for i in indices]
-            yield self._collated(samples, None)
+            indices = list(range(first, min(first + size, len(self.evaluation))))
+            yield self._collated(self.samples_of(self.evaluation, 0, 0, indices, train=False), None)
 
     def close(self) -> None:
         """Stop the pool of data workers (if one was started)."""
@@ -142,33 +151,43 @@ class MapSource:
 
     # ------------------------------------------------------------ making batches
 
-    def _global_batch(self, seed: int, batch_size: int, global_step: int) -> Sample:
+    def global_batch(self, seed: int, batch_size: int, global_step: int) -> Sample:
+        """Global batch `global_step`, computed (its samples in the pool, if there is one)."""
         epoch, step = position(global_step, self.num_samples, batch_size)
         indices = [int(i) for i in global_batch(self.num_samples, batch_size, seed, epoch, step)]
         if self._pool.usable and len(indices) > 1:
             samples = self._pool.samples(seed, epoch, indices)
         else:
-            samples = [self._sample(self.train, seed, epoch, i, train=True) for i in indices]
+            samples = self.samples_of(self.train, seed, epoch, indices, train=True)
         return self._collated(samples, batch_rng(seed, epoch, step))
 
-    def _sample(self, table, seed: int, epoch: int, index: int, *, train: bool) -> Sample:
-        """Sample `index` of `table`, renamed and transformed (with its keyed generator when training)."""
+    def samples_of(self, table, seed: int, epoch: int, indices: list[int], *, train: bool) -> list[Sample]:
+        """Samples `indices` of `table`, renamed and transformed.  A built-in table's are read together
+        (a Parquet row group once); a user's table is read under the sample's keyed generators, since
+        its `__getitem__` may draw (a torchvision-style dataset transforms there)."""
+        if getattr(table, "deterministic", False):
+            raws = _read(table, indices, self.name)
+            return [self._finished(raw, seed, epoch, i, train) for i, raw in zip(indices, raws)]
+        out = []
+        for i in indices:
+            with randomness.seeded(_key(seed, epoch, i, train)):
+                (raw,) = _read(table, [i], self.name)
+                out.append(self._finished(raw, seed, epoch, i, train, seeded=True))
+        return out
+
+    def _finished(self, raw, seed: int, epoch: int, index: int, train: bool, seeded: bool = False) -> Sample:
+        """A sample read: renamed, then transformed with its keyed generator (none for evaluation)."""
         hooks = self.hooks
-        try:
-            raw = _named(table[index], hooks.columns)
-        except DataError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a user's dataset: one line
-            raise DataError(f"{self.name}: reading sample {index} failed: {type(exc).__name__}: {exc}") from None
+        sample = _named(raw, hooks.columns)
         if hooks.transform is None:
-            return _arrays(raw, self.name)
+            return _arrays(sample, self.name)
         rng = sample_rng(seed, epoch, index) if train else None
         try:
-            if hooks.global_draws:  # the generators a user's transform may use besides its rng
-                with randomness.seeded(randomness.sample_seed(seed, epoch, index) if train else 0):
-                    out = hooks.transform(raw, rng)
+            if hooks.global_draws and not seeded:  # the generators a user's transform may use besides its rng
+                with randomness.seeded(_key(seed, epoch, index, train)):
+                    out = hooks.transform(sample, rng)
             else:
-                out = hooks.transform(raw, rng)
+                out = hooks.transform(sample, rng)
         except Exception as exc:  # noqa: BLE001 - user code: one line
             raise DataError(
                 f"{self.name}: the transform failed on sample {index}: {type(exc).__name__}: {exc}"
@@ -245,7 +264,26 @@ def _start(recipe: Callable[[], MapSource]) -> None:
 
 def _samples(job: tuple[int, int, list[int]]) -> list[Sample]:
     seed, epoch, indices = job
-    return [_SOURCE._sample(_SOURCE.train, seed, epoch, i, train=True) for i in indices]
+    return _SOURCE.samples_of(_SOURCE.train, seed, epoch, indices, train=True)
+
+
+_EVALUATION_EPOCH = 1 << 40  # evaluation samples' generators: apart from every training epoch's
+
+
+def _key(seed: int, epoch: int, index: int, train: bool) -> int:
+    """The seed of the global generators while sample `index` is read and transformed."""
+    return randomness.sample_seed(seed if train else 0, epoch if train else _EVALUATION_EPOCH, index)
+
+
+def _read(table, indices: list[int], where: str) -> list:
+    """Rows `indices` of a table: together where it can (`take`), else one by one."""
+    try:
+        take = getattr(table, "take", None)
+        return take(indices) if callable(take) else [table[i] for i in indices]
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a user's dataset: one line
+        raise DataError(f"{where}: reading samples {indices[:3]}... failed: {type(exc).__name__}: {exc}") from None
 
 
 # ------------------------------------------------------------ samples as arrays
@@ -268,7 +306,8 @@ def _named(sample, columns: Mapping[str, str]) -> dict:
 
 
 def _arrays(sample: Mapping, where: str) -> Sample:
-    """Every value as a numpy array in its own dtype (float64 as float32: what models take)."""
+    """Every value as a numpy array in its own dtype (float64 as float32: what models take), one a
+    Batch can carry."""
     out = {}
     for name, value in sample.items():
         array = _array(value)
@@ -276,6 +315,10 @@ def _arrays(sample: Mapping, where: str) -> Sample:
             array = array.astype(np.float32)
         if array.dtype.kind not in "biuf":
             raise DataError(f"{where}: {name!r} holds {array.dtype} values: a batch carries numbers (transform it)")
+        if np.dtype(array.dtype).newbyteorder("=").name not in WIRE_DTYPES:
+            raise DataError(
+                f"{where}: {name!r} is {array.dtype}, which a Batch cannot carry: use one of {', '.join(sorted(WIRE_DTYPES))}"
+            )
         out[str(name)] = array
     return out
 
@@ -288,6 +331,9 @@ def _array(value) -> np.ndarray:
 
 def _stack(samples: Sequence[Sample], where: str) -> Sample:
     names = samples[0].keys()
+    odd = next((s for s in samples if s.keys() != names), None)
+    if odd is not None:
+        raise DataError(f"{where}: samples with different names ({', '.join(names)} vs {', '.join(odd)})")
     out = {}
     for name in names:
         shapes = {s[name].shape for s in samples}
@@ -300,15 +346,15 @@ def _stack(samples: Sequence[Sample], where: str) -> Sample:
     return out
 
 
-def _count_classes(name: str, train, columns: Mapping[str, str]) -> int:
-    """Classes of a table with integer labels and no declared count: its largest label + 1 (read
-    from the label column of a built-in table, or from every sample of a small one)."""
-    labels = getattr(train, "labels", None)
-    if callable(labels):
-        return int(max(np.max(labels(columns.get("y", "y"))), 0)) + 1
+def _count_classes(name: str, train, column: str) -> int:
+    """Classes of a table with integer labels and no declared count: its largest label + 1 (a
+    built-in table reads the label column alone, in bounded pieces; a small user table: every sample)."""
+    largest = getattr(train, "largest", None)
+    if callable(largest):
+        return max(int(largest(column)), 0) + 1
     if len(train) > _LABEL_SCAN:
         raise DataError(
             f"{name}: {len(train)} samples and no num_classes attribute: give the dataset a num_classes attribute"
         )
-    top = max(int(np.asarray(_named(train[i], columns)["y"])) for i in range(len(train)))
+    top = max(int(np.asarray(_named(train[i], {"y": column} if column != "y" else {})["y"])) for i in range(len(train)))
     return top + 1

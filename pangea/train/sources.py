@@ -96,7 +96,7 @@ def load_data(
     )
 
 
-def load_training_data(settings, *, workers: int = 1, validation: bool = True):
+def load_training_data(settings, *, workers: int = 1, validation: bool = True, allow_pickle: bool = True):
     """The samples `settings` train on (arrays, a token stream for --task lm, or a map-style source)."""
     return load_data(
         settings.task,
@@ -113,6 +113,7 @@ def load_training_data(settings, *, workers: int = 1, validation: bool = True):
         columns=settings.columns,
         image_size=settings.image_size,
         code_dir=settings.code_dir,
+        allow_pickle=allow_pickle,
         workers=workers,
         validation=validation,
     )
@@ -185,8 +186,9 @@ def _factory(factory, spec: str):
     if isinstance(made, Mapping) and "train" in made:
         held = next((made[k] for k in ("test", "validation", "eval") if k in made), None)
         return made["train"], held
-    if isinstance(made, tuple) and len(made) == 2 and all(hasattr(m, "__len__") for m in made):
-        return made
+    if isinstance(made, tuple) and len(made) == 2 and hasattr(made[0], "__len__"):
+        if made[1] is None or hasattr(made[1], "__len__"):
+            return made
     if hasattr(made, "__len__") and hasattr(made, "__getitem__"):
         return made, None
     raise DataError(f"--dataset {spec}() returned {type(made).__name__}: a map-style dataset (__len__, __getitem__)")
@@ -198,6 +200,8 @@ def _columns(spec: str) -> dict[str, str]:
 
 class _Arrays:
     """One split of in-memory arrays as a table (an .npz with a transform or a collate)."""
+
+    deterministic = True  # reading a row draws nothing
 
     def __init__(self, data, split: str) -> None:
         self.columns = {
@@ -211,3 +215,7 @@ class _Arrays:
 
     def __getitem__(self, i: int) -> dict:
         return {k: v[i] for k, v in self.columns.items()}
+
+    def largest(self, column: str) -> int:
+        """The largest value of a column (its labels)."""
+        return int(self.columns[column].max())

@@ -41,6 +41,8 @@ class NpyTable:
     Rows are read with `os.pread`, never through a memory map, whose touched pages would count in
     the process's memory: a directory larger than the machine reads in bounded memory."""
 
+    deterministic = True  # reading a row draws nothing
+
     def __init__(self, directory: Path, split: str) -> None:
         files = sorted(directory.glob(f"*_{split}.npy"))
         if not files:
@@ -57,9 +59,11 @@ class NpyTable:
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         return {name: column.row(i) for name, column in self.columns.items()}
 
-    def labels(self, column: str) -> np.ndarray:
-        """The largest label, read in bounded chunks (what counting classes needs)."""
-        return np.array([self.columns[column].largest()])
+    def largest(self, column: str) -> int:
+        """The largest value of a column, read in bounded chunks (what counting classes needs)."""
+        if column not in self.columns:
+            raise DataError(f"no {column}_*.npy: the labels are {column!r}")
+        return self.columns[column].largest()
 
 
 class _NpyColumn:
@@ -87,7 +91,7 @@ class _NpyColumn:
             raise IndexError(i)
         with open(self.path, "rb", buffering=0) as f:
             raw = os.pread(f.fileno(), self.row_bytes, self.offset + i * self.row_bytes)
-        return np.frombuffer(raw, self.dtype).reshape(self.shape[1:]).copy()
+        return np.frombuffer(raw, self.dtype).reshape(self.shape[1:]).astype(self.dtype.newbyteorder("="))
 
     def largest(self, rows: int = 1 << 20) -> int:
         top = None
@@ -101,6 +105,7 @@ class _NpyColumn:
 
 
 def npy_splits(directory: Path) -> tuple[NpyTable, NpyTable | None]:
+    """The train split of a directory of .npy files, and its test split if there is one."""
     train = NpyTable(directory, "train")
     test = NpyTable(directory, "test") if any(directory.glob("*_test.npy")) else None
     return train, test
@@ -110,68 +115,102 @@ def npy_splits(directory: Path) -> tuple[NpyTable, NpyTable | None]:
 
 
 class ArrowTable:
-    """Rows of Arrow record batches read on demand: Parquet row groups, or memory-mapped Arrow files."""
+    """Rows of Arrow tables read on demand: Parquet row groups, or memory-mapped Arrow files."""
 
-    def __init__(self, name: str, parts: list, read, schema, num_classes: int | None = None) -> None:
-        """`parts`: (rows) per part; `read(k)`: part k as a pyarrow Table."""
+    deterministic = True  # reading a row draws nothing
+
+    def __init__(self, name: str, parts: list[int], read, column, classes: dict[str, int]) -> None:
+        """`parts`: rows per part; `read(k)`: part k as a pyarrow Table; `column(k, name)`: one
+        column of it (without decoding the others); `classes`: a ClassLabel feature's classes by column."""
         self.name = name
         self._starts = np.cumsum([0, *parts])
-        self._read = read
+        self._read, self._column = read, column
         self._cache: OrderedDict[int, object] = OrderedDict()
-        self.schema = schema
-        self.num_classes = num_classes
+        self._classes = classes
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        part = int(np.searchsorted(self._starts, i, side="right")) - 1
-        table = self._part(part)
-        row = table.slice(i - int(self._starts[part]), 1)
-        return {field.name: _value(row.column(field.name), self.name, field.name) for field in row.schema}
+    def __getitem__(self, i: int) -> dict:
+        return self.take([i])[0]
 
-    def labels(self, column: str) -> np.ndarray:
-        """A whole column (integer labels, to count classes), part by part."""
-        return np.concatenate([self._read(k).column(column).to_numpy() for k in range(len(self._starts) - 1)])
+    def take(self, indices: list[int]) -> list[dict]:
+        """Rows `indices`, in that order; each part (row group) they fall in read once."""
+        if any(not 0 <= i < len(self) for i in indices):
+            raise IndexError(f"rows {indices[:3]}... of {len(self)}")
+        parts = np.searchsorted(self._starts, indices, side="right") - 1
+        out: list[dict | None] = [None] * len(indices)
+        for part in dict.fromkeys(parts.tolist()):
+            table = self._part(part)
+            for at in np.flatnonzero(parts == part):
+                row = table.slice(indices[at] - int(self._starts[part]), 1)
+                out[at] = {f.name: _value(row.column(f.name), self.name, f.name) for f in row.schema}
+        return out
+
+    def class_count(self, column: str) -> int | None:
+        """The classes a Hugging Face ClassLabel feature names for `column` (None: not one)."""
+        return self._classes.get(column)
+
+    def largest(self, column: str) -> int:
+        """The largest value of a column, part by part, reading that column alone."""
+        try:
+            return max(int(np.max(self._column(k, column))) for k in range(len(self._starts) - 1))
+        except KeyError:
+            raise DataError(
+                f"{self.name}: no column {column!r} for the labels (map one with --columns y=...)"
+            ) from None
 
     def _part(self, k: int):
         if k in self._cache:
             self._cache.move_to_end(k)
             return self._cache[k]
-        table = self._read(k)
+        try:
+            table = self._read(k)
+        except (OSError, ValueError) as exc:  # a damaged file (pyarrow's ArrowInvalid is a ValueError)
+            raise DataError(f"{self.name}: cannot read part {k}: {exc}") from None
         self._cache[k] = table
         while len(self._cache) > _CACHED_GROUPS:
             self._cache.popitem(last=False)
         return table
 
 
-def _value(column, table: str, name: str) -> np.ndarray:
-    """One row of an Arrow column as a numpy array."""
+def _value(column, table: str, name: str):
+    """One row of an Arrow column: numbers and vectors as numpy arrays, encoded images decoded;
+    anything else (text, paths) as Python gives it, for a transform to make numbers of."""
     import pyarrow as pa
 
     kind = column.type
     if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:  # Hugging Face's Image
         return _image(column.combine_chunks().field("bytes")[0].as_py(), table, name)
-    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-        return _image(column[0].as_py(), table, name)
     value = column[0]
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        data = value.as_py()
+        return _image(data, table, name) if _looks_like_image(data) else data
     if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind):
         return np.asarray(value.values.to_numpy(zero_copy_only=False))
     if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
         return np.asarray(value.as_py(), dtype=kind.to_pandas_dtype())
-    raise DataError(f"{table}: column {name!r} is {kind}: a batch carries numbers, vectors or images")
+    return value.as_py()
+
+
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF")
+
+
+def _looks_like_image(data: bytes | None) -> bool:
+    return isinstance(data, bytes) and data.startswith(_IMAGE_MAGIC)
 
 
 def _image(data: bytes | None, table: str, name: str) -> np.ndarray:
     """Encoded image bytes as (channels, height, width) uint8, decoded with Pillow."""
     if data is None:
         raise DataError(f"{table}: column {name!r} holds an image without bytes")
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(io.BytesIO(data)) as image:
-        array = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            array = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{table}: column {name!r} holds bytes Pillow cannot decode ({exc})") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
 
 
@@ -189,7 +228,12 @@ def parquet_table(spec: str) -> ArrowTable:
     pq = _pyarrow().parquet
 
     files = _files(spec, "*.parquet")
-    readers = [pq.ParquetFile(f) for f in files]
+    readers = []
+    for f in files:
+        try:
+            readers.append(pq.ParquetFile(f))
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{f}: not a Parquet file pyarrow can read ({exc})") from None
     schemas = {str(r.schema_arrow) for r in readers}
     if len(schemas) > 1:
         raise DataError(f"{spec}: its files have different columns")
@@ -200,7 +244,13 @@ def parquet_table(spec: str) -> ArrowTable:
         reader, group = groups[k]
         return reader.read_row_group(group)
 
-    return ArrowTable(spec, parts, read, readers[0].schema_arrow, _class_count(readers[0].schema_arrow))
+    def column(k: int, name: str):
+        reader, group = groups[k]
+        if name not in reader.schema_arrow.names:
+            raise KeyError(name)
+        return reader.read_row_group(group, columns=[name]).column(0).to_numpy()
+
+    return ArrowTable(spec, parts, read, column, _class_counts(_hf_features(readers[0].schema_arrow)))
 
 
 def hf_splits(directory: Path) -> tuple[ArrowTable, ArrowTable | None]:
@@ -225,25 +275,35 @@ def _arrow_dir(directory: Path) -> ArrowTable:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{directory}: not a Hugging Face save_to_disk directory ({exc})") from None
     # Memory-mapped: a row read touches its pages only, and the process's memory does not hold the table.
-    tables = [pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files]
-    info = {}
-    if (directory / "dataset_info.json").is_file():
-        info = json.loads((directory / "dataset_info.json").read_text()).get("features") or {}
-    classes = next(
-        (len(f["names"]) for f in info.values() if isinstance(f, dict) and f.get("_type") == "ClassLabel"), None
-    )
-    return ArrowTable(str(directory), [t.num_rows for t in tables], tables.__getitem__, tables[0].schema, classes)
+    try:
+        tables = [pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files]
+        info = {}
+        if (directory / "dataset_info.json").is_file():
+            info = json.loads((directory / "dataset_info.json").read_text()).get("features") or {}
+    except (OSError, ValueError) as exc:  # a missing or damaged file (pyarrow's ArrowInvalid is a ValueError)
+        raise DataError(f"{directory}: cannot read its Arrow files ({exc})") from None
+
+    def column(k: int, name: str):
+        if name not in tables[k].column_names:
+            raise KeyError(name)
+        return tables[k].column(name).to_numpy()
+
+    return ArrowTable(str(directory), [t.num_rows for t in tables], tables.__getitem__, column, _class_counts(info))
 
 
-def _class_count(schema) -> int | None:
-    """The classes a Hugging Face ClassLabel feature names, if the file's metadata says so."""
+def _hf_features(schema) -> dict:
+    """The Hugging Face features a Parquet file's metadata describes, if it does."""
     meta = (schema.metadata or {}).get(b"huggingface")
-    if not meta:
-        return None
-    features = (json.loads(meta).get("info") or {}).get("features") or {}
-    return next(
-        (len(f["names"]) for f in features.values() if isinstance(f, dict) and f.get("_type") == "ClassLabel"), None
-    )
+    return ((json.loads(meta).get("info") or {}).get("features") or {}) if meta else {}
+
+
+def _class_counts(features: dict) -> dict[str, int]:
+    """{column: classes} of the ClassLabel features."""
+    return {
+        name: len(f["names"])
+        for name, f in features.items()
+        if isinstance(f, dict) and f.get("_type") == "ClassLabel" and f.get("names")
+    }
 
 
 def _files(spec: str, pattern: str) -> list[Path]:
@@ -260,8 +320,10 @@ def _files(spec: str, pattern: str) -> list[Path]:
 
 
 def is_hf_directory(path: Path) -> bool:
+    """A Hugging Face save_to_disk directory: a dataset dict's, or a dataset's."""
     return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
 
 
 def is_npy_directory(path: Path) -> bool:
+    """A directory of NAME_train.npy / NAME_test.npy files."""
     return path.is_dir() and (path / "x_train.npy").is_file()

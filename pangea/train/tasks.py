@@ -139,14 +139,16 @@ def _signature(function, spec: str, what: str, args: tuple, contract: str) -> No
 
 
 def probe(task: Task, model: nn.Module, data: Dataset | TokenData, model_name: str, normalize: str = "") -> None:
-    """One sample through the model and the step, before any process relies on them: a mismatch
-    (a context longer than the model's, a step that returns no scalar) is one line, not a crash."""
-    batch = inputs.tensors(data.rows(0, 1, 0, 0, 1), "cpu", normalize)
+    """One training sample and one evaluation sample through the model and the step, before any
+    process relies on them: a mismatch (a context longer than the model's, a step that returns no
+    scalar, a transform that cannot take an evaluation sample) is one line, not a crash an epoch in."""
+    batches = [data.rows(0, 1, 0, 0, 1), next(iter(data.eval_rows(1)), None)]
     was_training = model.training
     model.eval()  # touches no running statistics, and takes a batch of one
     try:
         with torch.no_grad():
-            steps.run(task.step, model, batch, task.label)
+            for rows in filter(None, batches):
+                steps.run(task.step, model, inputs.tensors(rows, "cpu", normalize), task.label)
     except TaskError:
         raise
     except Exception as exc:  # noqa: BLE001 - user code: report it in one line
