@@ -11,7 +11,11 @@
 
 A table gives one sample by index (`table[i]`, a dict by column); Arrow columns become numpy
 arrays: numbers, fixed-size lists (a vector per sample), and images stored as encoded bytes (Hugging
-Face's `Image` feature, a binary column), decoded with Pillow to (channels, height, width) uint8.
+Face's `Image` feature, a binary column), decoded with Pillow to (channels, height, width) uint8;
+text passes through, for a transform to make numbers of.
+
+Why one module of ~300 lines: the built-in tables are one contract (rows by index, read together,
+the labels' largest value without reading the rest) over three file formats.
 """
 
 from __future__ import annotations
