@@ -7,7 +7,9 @@ Started by benchmarks/lab.py on a lab host, one rank per worker host, so gloo's 
 the same links Pangea's workers use; by benchmarks/tokens.py on loopback; by benchmarks/goodput.py
 under torchrun, which restarts every rank when one dies.  CONFIG holds the TrainSettings fields,
 the world size, the rendezvous address (absent under torchrun: its environment has it), the
-interface gloo binds to, the target and where rank 0 writes its result.
+interface gloo binds to, the target and where rank 0 writes its result (and, with `params`, its
+final parameters as .npz); `delay` sleeps that many seconds before each backward pass (the modelled
+link latency of benchmarks/train.py).
 
 With `checkpoint` (a directory) in CONFIG, rank 0 stores the model, the optimizer, the next step,
 and the evaluations so far after each evaluation (each epoch's end, every `eval_every` steps; with
@@ -82,6 +84,7 @@ def main(config_path: str, rank: int | None) -> None:
     names = [str(i) for i in range(k)]
     evaluations: list[tuple[float, dict]] = []
     stop = torch.zeros(1)
+    delay = float(config.get("delay", 0.0))
     first = 0
     if checkpoint and (checkpoint / "state.pt").exists():
         state = torch.load(checkpoint / "state.pt", weights_only=False)
@@ -105,6 +108,8 @@ def main(config_path: str, rank: int | None) -> None:
         else:  # more ranks than rows: contribute zeros to the all-reduce
             x, _ = data.batch(settings.seed, size, g, 0, 1)
             loss = ddp(torch.from_numpy(x)).sum() * 0.0
+        if delay:  # a modelled link latency, before the backward pass (where the all-reduce happens)
+            time.sleep(delay)
         loss.backward()
         if settings.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
@@ -128,6 +133,10 @@ def main(config_path: str, rank: int | None) -> None:
             "parameters": sum(p.numel() for p in model.parameters()),
         }
         Path(config["out"]).write_text(json.dumps(result))
+        if config.get("params"):
+            import numpy as np
+
+            np.savez(config["params"], **{name: p.detach().numpy() for name, p in model.named_parameters()})
     dist.barrier()
     dist.destroy_process_group()
 

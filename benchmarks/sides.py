@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from benchmarks.common import log_clock
@@ -74,8 +75,14 @@ def ddp_evaluations(workdir: Path) -> list[tuple[float, dict]]:
     return [(s, f) for s, f in json.loads(out.read_text())["evaluations"]] if out.exists() else []
 
 
-def run_ddp_ranks(config: Path, workers: int, timeout: float) -> str:
-    """Start K ranks, wait for them; "" or a one-line reason they failed."""
+def run_ddp_ranks(config: Path, workers: int, timeout: float, *, poll: float = 0.2) -> str:
+    """Start K ranks as fresh processes (never forked from a process torch has started threads
+    in) and wait for them; "" or a one-line reason they failed.
+
+    `timeout` is a deadline for the whole run, not for each rank; the first rank that exits
+    with an error ends the run at once (the others would wait in gloo for its timeout).
+    Every rank still running at the end is killed, so no row can hang the table.
+    """
     logs = [open(config.parent / f"rank{i}.log", "w") for i in range(workers)]  # noqa: SIM115 - closed below
     ranks = [
         subprocess.Popen(
@@ -87,11 +94,20 @@ def run_ddp_ranks(config: Path, workers: int, timeout: float) -> str:
         )
         for i, log in enumerate(logs)
     ]
+    deadline = time.monotonic() + timeout
     try:
-        for rank in ranks:
-            rank.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"stopped after {timeout:.0f} s"
+        while True:
+            codes = [rank.poll() for rank in ranks]
+            failed = [i for i, code in enumerate(codes) if code]
+            if failed:
+                tail = (config.parent / f"rank{failed[0]}.log").read_text(errors="replace").strip().splitlines()[-1:]
+                return f"rank {failed[0]} exited {codes[failed[0]]}: {' '.join(tail)}"
+            if all(code == 0 for code in codes):
+                return ""
+            if time.monotonic() > deadline:
+                waiting = [i for i, code in enumerate(codes) if code is None]
+                return f"stopped after {timeout:.0f} s: rank {', '.join(map(str, waiting))} had not finished"
+            time.sleep(poll)
     finally:
         for rank in ranks:
             if rank.poll() is None:
@@ -99,8 +115,3 @@ def run_ddp_ranks(config: Path, workers: int, timeout: float) -> str:
                 rank.wait()
         for log in logs:
             log.close()
-    failed = [i for i, rank in enumerate(ranks) if rank.returncode]
-    if failed:
-        tail = (config.parent / f"rank{failed[0]}.log").read_text(errors="replace").strip().splitlines()[-1:]
-        return f"rank {failed[0]} exited {ranks[failed[0]].returncode}: {' '.join(tail)}"
-    return ""

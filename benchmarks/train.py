@@ -17,11 +17,12 @@ Without those lines, `total_seconds * e / epochs` from metrics.json stands in ("
 also counts the wait for the workers to join). A diloco round may end several epochs: one
 evaluation, after the whole round, then stands for all of them.
 
-The DDP side (`ddp_train`): K processes forked by torch.multiprocessing, gloo over 127.0.0.1,
-the model from `pangea.train.models.build_model` with the same seed, `pangea.train.training.make_optimizer`,
-and global batch r of `pangea.train.data.global_batch` cut into contiguous shards by
-`pangea.train.aggregate.split_batch`. DDP averages gradients equally over ranks while Pangea weights
-shards by samples: each rank's loss is scaled by K * shard / batch, which is 1 for equal shards
+The DDP side (`ddp_train`): K ranks of benchmarks/ddp_rank.py, each started as a fresh process
+(ranks forked from a process in which torch had started threads hung a run here for 15 minutes),
+gloo over 127.0.0.1, the model Pangea builds with the same seed, its optimizer and schedule, and
+global batch r cut into the shards Pangea's plans give K workers. A run has DDP_TIMEOUT seconds,
+start-up included; a rank that fails, or a run past it, fails the row in one line. DDP
+averages gradients equally over ranks while Pangea weights shards by samples: each rank's loss is scaled by K * shard / batch, which is 1 for equal shards
 and makes the short last batch of an epoch exact too. Each rank gets cpu_count // K torch
 threads, as `pangea run` gives its workers. Every mode row is set against this same plain DDP
 (diloco's own inner and outer optimizers keep Pangea's defaults).
@@ -49,21 +50,22 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks import sides
 from benchmarks.common import log_clock, record
+from benchmarks.lab import Workload
 
 TARGET = 0.97
 RUN_TIMEOUT = 900  # seconds one `pangea run` may take before the row is marked failed
+DDP_TIMEOUT = 900  # seconds the DDP ranks of one run may take, start-up included, before the row fails
 
 
 @dataclass(frozen=True)
@@ -253,114 +255,37 @@ def _total(bytes_sent) -> float | None:
 
 
 def ddp_train(config: Config, out: Path) -> Outcome | str:
-    """Train the row's model with K DDP processes; its Outcome, or a one-line reason it failed."""
-    import torch.multiprocessing as mp
-
-    _warm_up(config)
-    out.mkdir(parents=True, exist_ok=True)
-    try:  # fork: the ranks inherit the imports instead of paying for them K times on 2 cores
-        mp.start_processes(
-            _ddp_rank, args=(config, _free_port(), str(out)), nprocs=config.workers, join=True, start_method="fork"
-        )
-    except Exception as exc:  # noqa: BLE001 - one row fails, the table goes on
-        lines = str(exc).strip().splitlines()
-        return f"DDP failed: {type(exc).__name__}: {lines[-1] if lines else ''}"
-    result = json.loads((out / "ddp.json").read_text())
+    """Train the row's model with K DDP ranks (benchmarks/ddp_rank.py, each a fresh process);
+    its Outcome, or a one-line reason it failed (a rank that exits with an error, or a run past
+    DDP_TIMEOUT: every rank is then killed and the table goes on)."""
+    model = config.model
+    work = Workload(
+        config.label,
+        train={
+            "dataset": "digits",
+            "hidden": model.hidden,
+            "lr": model.lr,
+            "momentum": model.momentum,
+            "optimizer": model.optimizer,
+            "epochs": model.epochs,
+            "batch_size": config.batch_size,
+            "seed": 0,
+        },
+        figure="test_accuracy",
+        target=2.0,  # never met: every epoch trains, and the table shows each one's accuracy
+        higher=True,
+        timeout=DDP_TIMEOUT,
+    )
+    path = sides.ddp_config(work, config.workers, out, params=str(out / "ddp-params.npz"), delay=config.delay)
+    failed = sides.run_ddp_ranks(path, config.workers, DDP_TIMEOUT)
+    if failed:
+        return f"DDP failed: {failed}"
+    evaluations = [(s, f["test_accuracy"]) for s, f in sides.ddp_evaluations(out)]
+    per_epoch = json.loads((out / "ddp.json").read_text())["steps_per_epoch"]
+    ring_bytes = 2 * (config.workers - 1) * 4 * model.numel  # a ring all-reduce of the gradient per step
     with np.load(out / "ddp-params.npz") as f:
         params = {k: f[k] for k in f.files}
-    evaluations = list(zip(result["epoch_seconds"], result["accuracy"]))
-    return Outcome(result["accuracy"], evaluations, result["bytes_sent"], params, "loop")
-
-
-def _warm_up(config: Config) -> None:
-    """Import here, before the fork, what every rank needs (torch.optim alone takes seconds)."""
-    import torch
-    import torch.distributed  # noqa: F401
-    from torch.nn.parallel import DistributedDataParallel  # noqa: F401
-
-    from pangea.settings import TrainSettings
-    from pangea.train.data import load_dataset
-    from pangea.train.training import make_optimizer
-
-    load_dataset("digits")
-    make_optimizer(TrainSettings(optimizer=config.model.optimizer), [torch.zeros(1, requires_grad=True)])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_rank(rank: int, config: Config, port: int, out: str) -> None:
-    """One DDP process: the same batches, shards, model and optimizer as Pangea's sync rounds."""
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    import torch
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    from pangea.settings import TrainSettings
-    from pangea.train.aggregate import split_batch
-    from pangea.train.data import global_batch, load_dataset, position
-    from pangea.train.models import build_model
-    from pangea.train.tasks import classify_loss as loss_fn
-    from pangea.train.tasks import get_task
-    from pangea.train.training import make_optimizer, total_rounds
-
-    k, model_cfg = config.workers, config.model
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // k))
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k, timeout=timedelta(seconds=300)
-    )
-    settings = TrainSettings(
-        dataset="digits",
-        hidden=model_cfg.hidden,
-        lr=model_cfg.lr,
-        momentum=model_cfg.momentum,
-        optimizer=model_cfg.optimizer,
-        epochs=model_cfg.epochs,
-        batch_size=config.batch_size,
-        seed=0,
-    )
-    dataset = load_dataset(settings.dataset)
-    model = build_model(settings.model, dataset.input_shape, dataset.num_classes, settings.hidden_sizes, settings.seed)
-    ddp = DistributedDataParallel(model)
-    optimizer = make_optimizer(settings, ddp.parameters())
-    n, members = len(dataset.x_train), [str(i) for i in range(k)]
-    rounds = total_rounds(settings, dataset)
-    accuracy, epoch_seconds = [], []
-    dist.barrier()
-    start = time.perf_counter()
-    for r in range(rounds):
-        epoch, step = position(r, n, settings.batch_size)
-        idx = global_batch(n, settings.batch_size, settings.seed, epoch, step)
-        shard = {w: (a, b) for w, a, b in split_batch(len(idx), members)}.get(str(rank), (0, 0))
-        rows = idx[shard[0] : shard[1]]
-        optimizer.zero_grad(set_to_none=True)
-        if len(rows):
-            logits = ddp(torch.from_numpy(dataset.x_train[rows]))
-            loss = loss_fn(logits, torch.from_numpy(dataset.y_train[rows])) * (k * len(rows) / len(idx))
-        else:  # more ranks than rows: contribute zeros to the all-reduce
-            loss = ddp(torch.from_numpy(dataset.x_train[idx[:1]])).sum() * 0.0
-        if config.delay:
-            time.sleep(config.delay)
-        loss.backward()
-        optimizer.step()
-        if rank == 0 and position(r + 1, n, settings.batch_size)[1] == 0:
-            accuracy.append(get_task("classify").evaluate(model, dataset)["test_accuracy"])
-            epoch_seconds.append(time.perf_counter() - start)
-    if rank == 0:
-        steps_per_epoch = rounds // settings.epochs
-        ring_bytes = 2 * (k - 1) * 4 * sum(p.numel() for p in model.parameters())
-        result = {
-            "accuracy": accuracy,
-            "epoch_seconds": epoch_seconds,
-            "bytes_sent": ring_bytes * steps_per_epoch * settings.epochs,
-        }
-        Path(out, "ddp.json").write_text(json.dumps(result))
-        np.savez(Path(out, "ddp-params.npz"), **{name: p.detach().numpy() for name, p in model.named_parameters()})
-    dist.barrier()
-    dist.destroy_process_group()
+    return Outcome([a for _, a in evaluations], evaluations, ring_bytes * per_epoch * model.epochs, params, "loop")
 
 
 # ---------------------------------------------------------------- the table
