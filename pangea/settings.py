@@ -73,6 +73,12 @@ class BusSettings(_Base):
     batch_retention_rounds: int = Field(
         0, ge=0, description="keep only the batches of this many latest rounds (0: no limit)"
     )
+    full_store_wait: float = Field(
+        300.0,
+        gt=0,
+        description="seconds a role waits for room when the server's JetStream storage is full, before it stops "
+        "(one line names the stream and what frees space)",
+    )
     http_port: int | Literal["any"] = Field(
         8000,
         description="port of /healthz, /readyz and /metrics (0: off; any: a free one; the default moves to a "

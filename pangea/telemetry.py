@@ -50,6 +50,11 @@ REJECTED = Counter("pangea_rejected", "messages refused, by reason", ["reason"],
 BYTES_OUT = Counter("pangea_bytes_published", "payload bytes published to JetStream", registry=REGISTRY)
 BYTES_IN = Counter("pangea_bytes_received", "payload bytes pulled from JetStream", registry=REGISTRY)
 RECONNECTS = Counter("pangea_reconnects", "reconnections to NATS", registry=REGISTRY)
+STORE_FULL = Counter(
+    "pangea_store_full",
+    "times JetStream refused a publish for want of storage (the role then waits for room)",
+    registry=REGISTRY,
+)
 READY = Gauge("pangea_ready", "1 once connected to NATS", registry=REGISTRY)
 
 # The orchestrator's autoscaling signal as /autoscale serves it (KEDA's metrics-api scaler reads

@@ -96,7 +96,12 @@ class Child:
 
 
 class RoleDied(RuntimeError):
-    """A role process ended before the job was done."""
+    """A role process ended before the job was done; `exit_code` is what `pangea run` returns:
+    the user-error code when the role stopped for a mistake a restart cannot fix, else 1."""
+
+    def __init__(self, what: str, exit_code: int = 1) -> None:
+        super().__init__(what)
+        self.exit_code = exit_code
 
 
 class Terminated(Exception):
@@ -205,8 +210,8 @@ class Supervisor:
                 raise Terminated() from None
             finally:
                 signal.signal(signal.SIGTERM, _raise_terminated)  # the loop's handler went with it
-        except RoleDied:
-            return 1
+        except RoleDied as died:
+            return died.exit_code
         except (KeyboardInterrupt, Terminated):
             self.console.print("[yellow]interrupted: stopping all roles[/]")
             return 130
@@ -368,7 +373,8 @@ class Supervisor:
             loop = (
                 f" ({MAX_RESTARTS} restarts within {RESTART_WINDOW:.0f} s)" if len(child.recent) >= MAX_RESTARTS else ""
             )
-            raise RoleDied(f"{child.name} {child.how_it_ended()}{loop}")
+            user_error = child.proc.returncode == EXIT_USER_ERROR
+            raise RoleDied(f"{child.name} {child.how_it_ended()}{loop}", EXIT_USER_ERROR if user_error else 1)
 
     def _report(self, child: Child) -> None:
         self.console.print(f"[red]role {child.name} {child.how_it_ended()}[/] (log: {child.log_path})")

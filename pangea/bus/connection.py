@@ -73,6 +73,29 @@ async def _first_connect(nc, refusal: asyncio.Future, timeout: float, **kwargs) 
     raise TimeoutError()
 
 
+def _refusals_reach_their_publish(js) -> None:
+    """Make a refused async publish fail its future at once.
+
+    nats-py 2.16's reply handler calls `APIError.from_error`, which raises instead of returning,
+    so a refusal ("insufficient resources" from a full store, a wrong sequence...) never reaches
+    the publish's future: it goes to the error callback, and the publish waits out its ack
+    timeout, 10 s each (nats-io/nats.py issue #985, fix proposed in PR #994).  The handler is
+    wrapped here, before the first async publish subscribes it, to hand the refusal to its
+    future.  Harmless once nats-py has the fix (nothing is raised to catch then)."""
+    handle = js._handle_async_reply
+
+    async def handle_refusals(msg) -> None:
+        try:
+            await handle(msg)
+        except nats.js.errors.APIError as exc:
+            token = msg.subject[len(js._async_reply_prefix) :]
+            future = js._publish_async_futures.get(token)
+            if future is not None and not future.done():
+                future.set_exception(exc)
+
+    js._handle_async_reply = handle_refusals
+
+
 async def open_connection(settings: BusSettings, name: str, watcher: Watcher, publish_pending: int):
     """(nc, js) connected to the configured server with JetStream, retrying until
     `connect_timeout`; BusError in one line (the URL, or what to change) if that fails."""
@@ -129,6 +152,7 @@ async def open_connection(settings: BusSettings, name: str, watcher: Watcher, pu
             + (f" ({exc})" if str(exc) else "")
         ) from None
     js = nc.jetstream(timeout=ACK_TIMEOUT, publish_async_max_pending=publish_pending)
+    _refusals_reach_their_publish(js)
     try:
         await js.account_info()
     except (nats.js.errors.Error, nats.errors.Error) as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import nats.errors
 from nats.aio.client import Client
@@ -16,6 +16,7 @@ from pangea.bus import frames
 from pangea.bus.backoff import Backoff
 from pangea.bus.connection import ACK_TIMEOUT
 from pangea.bus.errors import BusError
+from pangea.bus.streams import out_of_storage
 from pangea.settings import BusSettings
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class Publishing:
     nc: Client
     closing: bool
     max_payload: int
+    wait_for_room: Callable[..., Awaitable[None]]  # Streams': a full store
+    room_again: Callable[[str], None]
 
     async def publish(self, items: Iterable[tuple[str, bytes, str]]) -> list[int]:
         """Store (subject, payload, msg_id) messages in JetStream, `publish_window` in flight.
@@ -80,11 +83,17 @@ class Publishing:
         while True:
             try:
                 ack = await asyncio.wait_for(future, ACK_TIMEOUT)
+                self.room_again(frame[0])
                 return ack.seq
             except (TimeoutError, nats.errors.Error) as exc:
-                if self.closing or not await backoff.wait():
+                if self.closing:
                     raise BusError(f"the server did not store a message on {frame[0]}: {exc!r}") from None
-                log.warning("publish to %s not acknowledged (%r); sending it again", frame[0], exc)
+                if out_of_storage(exc):
+                    await self.wait_for_room(subject=frame[0])
+                elif not await backoff.wait():
+                    raise BusError(f"the server did not store a message on {frame[0]}: {exc!r}") from None
+                else:
+                    log.warning("publish to %s not acknowledged (%r); sending it again", frame[0], exc)
                 future = await self._send(frame, Backoff(0.05, give_up_at=backoff.give_up_at))
 
     async def publish_event(self, subject: str, payload: bytes) -> None:

@@ -55,6 +55,7 @@ class EmbeddedServer:
         routes: list[int] | None = None,
         extra_config: str = "",
         scheme: str = "nats",
+        jetstream_limits: str = "",
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -65,6 +66,7 @@ class EmbeddedServer:
         self._tmp = None if store_dir else tempfile.TemporaryDirectory(prefix="pangea-nats-")
         self.store_dir = Path(store_dir or self._tmp.name)
         self._config = self._options(max_payload, name, cluster_port, routes or []) + extra_config
+        self.jetstream_limits = jetstream_limits  # e.g. "max_file_store: 40MB", inside the jetstream block
         self._proc: subprocess.Popen | None = None
 
     def _options(self, max_payload: int | None, name: str | None, cluster_port: int | None, routes: list[int]) -> str:
@@ -88,7 +90,8 @@ class EmbeddedServer:
     def start(self, timeout: float = 15.0) -> EmbeddedServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         config = self.store_dir / "pangea-nats.conf"
-        lines = [f'listen: "{self.host}:{self.port}"', f'jetstream {{ store_dir: "{self.store_dir}" }}']
+        limits = f", {self.jetstream_limits}" if self.jetstream_limits else ""
+        lines = [f'listen: "{self.host}:{self.port}"', f'jetstream {{ store_dir: "{self.store_dir}"{limits} }}']
         config.write_text("\n".join(lines) + "\n" + self._config)
         config.chmod(0o600)  # it may hold passwords
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL

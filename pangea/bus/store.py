@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import BinaryIO
 
 import nats.errors
@@ -11,7 +12,7 @@ from nats.js import JetStreamContext, api
 
 from pangea.bus.backoff import Backoff
 from pangea.bus.errors import BusError
-from pangea.bus.streams import storage_type
+from pangea.bus.streams import out_of_storage, storage_type
 from pangea.settings import BusSettings
 
 log = logging.getLogger(__name__)
@@ -25,14 +26,24 @@ class Store:
     js: JetStreamContext
     closing: bool
     _kv_handles: dict  # bucket -> nats-py KeyValue (`_kv_handle`)
+    cannot_create: Callable[..., Awaitable[BusError]]  # Streams': what the server refused and why
+    wait_for_room: Callable[..., Awaitable[None]]
+    room_again: Callable[[str], None]
 
-    async def _retrying(self, what: str, operation):
-        """Run `operation()` again while the connection is down (server restart), within the budget."""
+    async def _retrying(self, what: str, operation, stream: str = ""):
+        """Run `operation()` again while the connection is down (server restart), within the
+        budget; while the server has no room to store in `stream`, as `wait_for_room` says."""
         backoff = Backoff(0.1)
         while True:
             try:
-                return await operation()
+                found = await operation()
+                if stream:
+                    self.room_again(stream)
+                return found
             except (TimeoutError, nats.errors.Error) as exc:
+                if stream and out_of_storage(exc) and not self.closing:
+                    await self.wait_for_room(stream=stream)
+                    continue
                 if self.closing or not await backoff.wait():
                     raise BusError(f"{what} failed: {exc!r}") from None
                 log.debug("%s: %r; retrying", what, exc)
@@ -47,7 +58,7 @@ class Store:
                 data.seek(0)  # each try, and each name the same file is stored under, reads it all
             await store.put(name, data)
 
-        await self._retrying(f"storing {bucket}/{name}", put)
+        await self._retrying(f"storing {bucket}/{name}", put, stream=f"OBJ_{bucket}")
 
     async def get_object(self, bucket: str, name: str) -> bytes | None:
         """A blob from an Object Store bucket, or None if there is none."""
@@ -90,21 +101,27 @@ class Store:
         try:
             return await self.js.object_store(bucket)
         except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
-            return await self.js.create_object_store(
-                bucket,
-                config=api.ObjectStoreConfig(
-                    bucket=bucket, storage=storage_type(self.settings), replicas=self.settings.replicas
-                ),
-            )
+            storage = storage_type(self.settings)
+            try:
+                return await self.js.create_object_store(
+                    bucket,
+                    config=api.ObjectStoreConfig(bucket=bucket, storage=storage, replicas=self.settings.replicas),
+                )
+            except nats.js.errors.APIError as exc:
+                raise await self.cannot_create(api.StreamConfig(name=f"OBJ_{bucket}", storage=storage), exc) from None
 
     async def kv(self, bucket: str, ttl: float | None = None):
         """Open a KV bucket, creating it if needed."""
         try:
             return await self.js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
-            return await self.js.create_key_value(
-                bucket=bucket, ttl=ttl, history=1, storage=storage_type(self.settings), replicas=self.settings.replicas
-            )
+            storage = storage_type(self.settings)
+            try:
+                return await self.js.create_key_value(
+                    bucket=bucket, ttl=ttl, history=1, storage=storage, replicas=self.settings.replicas
+                )
+            except nats.js.errors.APIError as exc:
+                raise await self.cannot_create(api.StreamConfig(name=f"KV_{bucket}", storage=storage), exc) from None
 
     async def kv_get(self, bucket: str, key: str) -> bytes | None:
         """A KV value, or None if the bucket or the key does not exist."""
@@ -130,7 +147,7 @@ class Store:
                 self._kv_handles.pop(bucket, None)  # looked up again next time: it may be gone
                 raise
 
-        await self._retrying(f"writing {bucket}/{key}", put)
+        await self._retrying(f"writing {bucket}/{key}", put, stream=f"KV_{bucket}")
 
     async def _kv_handle(self, bucket: str):
         """The bucket's KV handle, looked up once: each lookup is a stream-info request (measured:

@@ -68,6 +68,9 @@ class CheckpointStore:
                 await self._store(file, ckpt.round)
 
         self._saving = asyncio.create_task(store())
+        # Retrieved here too: a role that stops for another reason before the next checkpoint
+        # would otherwise print "Task exception was never retrieved" with a traceback.
+        self._saving.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     async def saved(self) -> None:
         """Wait until the checkpoints given to `save_later` are stored."""

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 
 from pangea.bus import subjects
 from pangea.bus.client import Bus
@@ -60,10 +61,13 @@ def settings_from_spec(spec: JobSpec) -> dict:
     return values
 
 
-async def wait_for_job_spec(bus: Bus, poll: float = 0.2) -> JobSpec:
-    """The job's spec, waiting (and saying so every few seconds) until the orchestrator wrote it."""
+async def wait_for_job_spec(
+    bus: Bus, poll: float = 0.2, stopping: Callable[[], bool] = lambda: False
+) -> JobSpec | None:
+    """The job's spec, waiting (and saying so every few seconds) until the orchestrator wrote it;
+    None once `stopping()` is true (a role asked to leave before its job began)."""
     announced = time.monotonic()
-    while True:
+    while not stopping():
         raw = await bus.kv_get(subjects.job_bucket(bus.job), subjects.JobKey.SPEC)
         if raw is not None:
             return codec.decode(raw, JobSpec)
@@ -71,6 +75,7 @@ async def wait_for_job_spec(bus: Bus, poll: float = 0.2) -> JobSpec:
             log.info("waiting for job %r: no orchestrator has created it yet", bus.job)
             announced = time.monotonic()
         await asyncio.sleep(poll)
+    return None
 
 
 async def announce_preprocessor(bus: Bus) -> None:

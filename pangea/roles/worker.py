@@ -76,7 +76,9 @@ class Worker:
     async def run(self) -> None:
         kernels.set_threads(self.settings.torch_threads)
         self.compute = kernels.compute_thread(self.settings.torch_threads)  # the kernels it reports
-        spec = await wait_for_job_spec(self.bus)
+        spec = await wait_for_job_spec(self.bus, stopping=lambda: self.stopping)
+        if spec is None:  # asked to leave before the job began
+            return
         code_dir = await fetch_code(
             self.bus, [spec.model, spec.step, spec.task], self.settings.code_dir, self.settings.allow_pickled_code
         )
@@ -284,6 +286,7 @@ class Worker:
     async def _heartbeat(self) -> None:
         kv = await self.bus.kv(subjects.members_bucket(self.job), ttl=self.settings.member_ttl)
         k = kernels.current(self.replica.device.type)  # set before the first gradient, never changed after
+        missed = 0
         while True:
             beat = Heartbeat(
                 self.job,
@@ -304,8 +307,13 @@ class Worker:
             )
             try:
                 await kv.put(self.id, codec.encode(beat))
+                if missed:
+                    log.warning("heartbeats stored again after %d missed", missed)
+                missed = 0
             except Exception as exc:  # noqa: BLE001 - a missed beat is retried next period
-                log.warning("heartbeat failed: %s", exc)
+                if not missed:  # once per streak: a full store refuses every beat for as long as it is full
+                    log.warning("heartbeat failed: %s (retried every %g s)", exc, self.settings.heartbeat_seconds)
+                missed += 1
             await asyncio.sleep(self.settings.heartbeat_seconds)
 
     async def _leave(self) -> None:
