@@ -8,6 +8,7 @@ import ssl
 from typing import Protocol
 
 import nats
+import nats.aio.client
 import nats.errors
 import nats.js.errors
 
@@ -20,6 +21,14 @@ log = logging.getLogger(__name__)
 
 ACK_TIMEOUT = 10.0  # one acknowledgement; a lost one is resent (the msg id makes that safe)
 _PENDING_SIZE = 128 << 20  # client-side buffer while reconnecting
+# nats-py reads the socket DEFAULT_BUFFER_SIZE bytes at a time (32 KiB: ~32 reads, parses and
+# pauses of the transport per 1 MB chunk), and limits its stream reader by the same figure.
+# benchmarks.pipe, three runs each on 2 cores: Pangea's publish -> pull path 0.41 -> 0.44 GB/s
+# with 1 MB messages and 0.35 -> 0.44 with 4 MB ones at 1 MiB (uvloop: no gain); benchmarks.round
+# K=4, 25M parameters, three pairs: the orchestrator's CPU per round 1.13 -> 0.89 s (medians),
+# the round 2.54 -> 2.29 s (noisy: one pair went the other way).  A module
+# global of nats-py, read when a connection opens and on each read: set once for the process.
+_READ_BYTES = 1 << 20
 
 
 class Watcher(Protocol):
@@ -124,6 +133,7 @@ async def open_connection(settings: BusSettings, name: str, watcher: Watcher, pu
         telemetry.RECONNECTS.inc()
         log.warning("reconnected to NATS")
 
+    nats.aio.client.DEFAULT_BUFFER_SIZE = max(nats.aio.client.DEFAULT_BUFFER_SIZE, _READ_BYTES)
     nc = nats.NATS()
     try:
         await _first_connect(
