@@ -10,7 +10,8 @@ stream (waiting for its ack, as Pangea's publishes do); an echo process, waiting
 fetch, acknowledges it and publishes it to a second stream; this process pull-fetches it
 there.  Median of 300 round trips.  `pangea_round_s` is `benchmarks.round`'s figure (the
 median time between round-done events) for K=2 workers and a ~20k-parameter MLP, whose
-forward and backward take well under a millisecond: what is left is the talk.
+forward and backward take well under a millisecond: what is left is the talk.  `msgs_in` and
+`msgs_out`: messages into and out of the server per round (its /varz), the round's talk counted.
 
 Each run starts its own server; the two kinds of run alternate (bare, pangea, bare, ...) and
 the table gives the median of each kind.
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import machine, record
-from benchmarks.round import Config, hidden_for, numel, pangea_round, write_dataset
+from benchmarks.round import Config, RunResult, hidden_for, numel, pangea_round, write_dataset
 
 TRIPS = 300
 TINY = 20_000  # parameters of the tiny model
@@ -97,12 +98,12 @@ def bare_two_hops(trips: int = TRIPS) -> float:
         return asyncio.run(_trips(server.url, trips))
 
 
-def tiny_round(workdir: Path) -> float:
+def tiny_round(workdir: Path) -> RunResult:
     hidden = hidden_for(TINY)
     result = asyncio.run(pangea_round(Config(2, numel(hidden)), hidden, workdir / "digits-cut.npz", workdir))
     if result.error:
         raise SystemExit(f"pangea run failed: {result.error}")
-    return result.round_s
+    return result
 
 
 def run(runs: int = 3, trips: int = TRIPS) -> list[dict]:
@@ -115,7 +116,8 @@ def run(runs: int = 3, trips: int = TRIPS) -> list[dict]:
             bare.append(bare_two_hops(trips))
             pangea.append(tiny_round(workdir))
             print(
-                f"run {i + 1}: two bare hops {bare[-1] * 1e3:.2f} ms, pangea round {pangea[-1] * 1e3:.2f} ms",
+                f"run {i + 1}: two bare hops {bare[-1] * 1e3:.2f} ms, pangea round {pangea[-1].round_s * 1e3:.2f} ms "
+                f"({pangea[-1].msgs_in:.0f} messages into the server and {pangea[-1].msgs_out:.0f} out per round)",
                 flush=True,
             )
     finally:
@@ -124,7 +126,9 @@ def run(runs: int = 3, trips: int = TRIPS) -> list[dict]:
         "K": 2,
         "P": numel(hidden_for(TINY)),
         "bare_two_hops_s": statistics.median(bare),
-        "pangea_round_s": statistics.median(pangea),
+        "pangea_round_s": statistics.median(r.round_s for r in pangea),
+        "msgs_in": statistics.median(r.msgs_in for r in pangea),
+        "msgs_out": statistics.median(r.msgs_out for r in pangea),
     }
     row["pangea / two hops"] = row["pangea_round_s"] / row["bare_two_hops_s"]
     return [row]

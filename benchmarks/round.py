@@ -27,6 +27,8 @@ dataset cut from digits so the run has a few rounds.  Columns:
   peak_rss_over_model  (orchestrator VmHWM - its idle RSS: the lowest from the job spec's
                     appearance on the bus, the model built, to the start of round 0) / (4 P bytes)
   idle_mb, peak_mb  those two RSS figures
+  msgs_in, msgs_out messages into and out of the nats-server per timed round (its /varz
+                    in_msgs and out_msgs: publishes, acks, pull requests, deliveries, replies)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,6 +246,7 @@ class Mark:
     at: float
     seconds: float  # the orchestrator's own round time (metrics.json round_seconds)
     cpu: dict[str, float]  # CPU seconds so far by kind of process (KINDS)
+    msgs: tuple[int, int]  # messages into and out of the nats-server so far (its /varz)
 
 
 @dataclass
@@ -252,14 +256,24 @@ class RunResult:
     cpu_s: dict[str, float] = field(default_factory=dict)  # per timed round, by kind of process
     idle_rss: int = 0
     peak_rss: int = 0
+    msgs_in: float = math.nan  # messages into the server per timed round (publishes, acks, pulls...)
+    msgs_out: float = math.nan  # messages out of it (deliveries, acks, replies...)
     error: str = ""
+
+
+def _server_msgs(varz: str) -> tuple[int, int]:
+    """(in_msgs, out_msgs) of the server's monitoring endpoint: every message of every client,
+    this benchmark's one round event per round included."""
+    with urllib.request.urlopen(varz, timeout=5) as answer:
+        figures = json.load(answer)
+    return figures["in_msgs"], figures["out_msgs"]
 
 
 async def pangea_round(cfg: Config, hidden: tuple[int, ...], dataset: Path, workdir: Path) -> RunResult:
     """Run one `pangea run` on its own nats-server; time its rounds and watch the orchestrator."""
     from pangea.bus import subjects
     from pangea.bus.client import Bus
-    from pangea.bus.server import EmbeddedServer
+    from pangea.bus.server import EmbeddedServer, free_port
     from pangea.settings import BusSettings
     from pangea.wire import codec
     from pangea.wire.messages import RoundDone
@@ -268,8 +282,9 @@ async def pangea_round(cfg: Config, hidden: tuple[int, ...], dataset: Path, work
     out = workdir / job
     out.mkdir(parents=True)
     marks: dict[int, Mark] = {}
-    with EmbeddedServer(log_file=out / "nats-server.log") as server:
+    with EmbeddedServer(log_file=out / "nats-server.log", monitor_port=free_port()) as server:
         server_pid = server._proc.pid
+        varz = f"http://{server.host}:{server.monitor_port}/varz"
 
         async def on_round(raw: bytes) -> None:
             try:
@@ -282,7 +297,7 @@ async def pangea_round(cfg: Config, hidden: tuple[int, ...], dataset: Path, work
             for name, pid in _pids(out).items():
                 cpu[kind_of(name)] = cpu.get(kind_of(name), 0.0) + _cpu_seconds(pid)
             cpu["nats"] = _cpu_seconds(server_pid)
-            marks[event.round] = Mark(time.perf_counter(), event.seconds, cpu)
+            marks[event.round] = Mark(time.perf_counter(), event.seconds, cpu, _server_msgs(varz))
 
         bus = await Bus.connect(BusSettings(nats_url=server.url, job=job), "bench-round")
         await bus.subscribe_events(subjects.rounds(job), on_round)
@@ -350,6 +365,7 @@ async def pangea_round(cfg: Config, hidden: tuple[int, ...], dataset: Path, work
     result.metrics_round_s = statistics.median(marks[r].seconds for r in timed)
     kinds = {k for m in marks.values() for k in m.cpu}
     result.cpu_s = {k: per_round(lambda m, k=k: m.cpu.get(k, 0.0)) for k in sorted(kinds, key=_kind_order)}
+    result.msgs_in, result.msgs_out = per_round(lambda m: m.msgs[0]), per_round(lambda m: m.msgs[1])
     shutil.rmtree(out, ignore_errors=True)  # params.npz alone is 4P bytes
     return result
 
@@ -464,12 +480,15 @@ def run(configs: list[Config] | None = None, rounds: int = 5, gloo_iters: int = 
                     "peak_rss_over_model": over,
                     "idle_mb": result.idle_rss / 1e6,
                     "peak_mb": result.peak_rss / 1e6,
+                    "msgs_in": result.msgs_in,
+                    "msgs_out": result.msgs_out,
                 }
             )
             print(
                 f"{name}: round {result.round_s:.3g}s, gloo {gloo[cfg.k, p]:.3g}s, "
                 f"peak RSS {over:.3g}x; CPU-s per round: "
                 + ", ".join(f"{k} {v:.3g}" for k, v in result.cpu_s.items())
+                + f"; messages per round at the server: {result.msgs_in:.0f} in, {result.msgs_out:.0f} out"
                 + f" ({time.perf_counter() - started:.0f}s)",
                 flush=True,
             )

@@ -22,6 +22,7 @@ def test_round_quick():
             assert row[key] > 0, (key, row)
         assert all(row[f"cpu_{kind}_s"] >= 0 for kind in ("workers", "orchestrator", "preprocessor", "nats")), row
         assert 0 < row["idle_mb"] <= row["peak_mb"], row  # idle: the lowest RSS before round 0
+        assert row["msgs_in"] > 0 and row["msgs_out"] > 0, row  # a round is talk the server counts
 
 
 @pytest.mark.slow
@@ -42,6 +43,7 @@ def test_latency_once():
     (row,) = latency_benchmark.run(runs=1, trips=30)
     assert row["bare_two_hops_s"] > 0 and row["pangea_round_s"] > 0, row
     assert math.isfinite(row["pangea / two hops"]), row
+    assert row["msgs_in"] > 0 and row["msgs_out"] > 0, row
 
 
 @pytest.mark.slow
