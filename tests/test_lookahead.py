@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 
 import nats
+import nats.errors
+import nats.js.errors
 import pytest
 from nats.js import api
 
@@ -41,6 +44,48 @@ async def _stored(url: str, job: str, what: str, kind) -> list[tuple[object, flo
         await nc.close()
 
 
+class _Watch:
+    """Every message stored on a job's stream while the run goes, with the server's timestamp of
+    storing it, read live on a thread of its own: the parameter stream keeps only the last few
+    versions, so by the end of a run the early ones are gone from it."""
+
+    def __init__(self, url: str, job: str, what: str, kind) -> None:
+        self.url, self.stream, self.kind = url, subjects.stream(job, what), kind
+        self.found: list[tuple[object, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._read()), daemon=True)
+        self._thread.start()
+
+    async def _read(self) -> None:
+        nc = await nats.connect(self.url)
+        try:
+            js = nc.jetstream()
+            while not self._stop.is_set():  # the orchestrator creates the stream when the job starts
+                try:
+                    await js.stream_info(self.stream)
+                    break
+                except nats.js.errors.NotFoundError:
+                    await asyncio.sleep(0.05)
+            sub = await js.subscribe(
+                ">", stream=self.stream, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL
+            )
+            while not self._stop.is_set():
+                try:
+                    msg = await sub.next_msg(timeout=0.2)
+                except nats.errors.TimeoutError:
+                    continue
+                self.found.append((codec.decode(msg.data, self.kind), msg.metadata.timestamp.timestamp()))
+        finally:
+            await nc.close()
+
+    def stop(self) -> list[tuple[object, float]]:
+        """What was stored, once the stream has been quiet for a moment."""
+        self._stop.wait(1.0)
+        self._stop.set()
+        self._thread.join(timeout=30)
+        return self.found
+
+
 def _run(cluster, out, workers: int, epochs: int = 1) -> None:
     cluster.start("pre", "preprocessor")
     cluster.start(
@@ -53,13 +98,14 @@ def test_next_rounds_batches_are_stored_before_the_round_closes(cluster, tmp_pat
     """Stable membership: for every round r >= 1, its batches were stored before the parameters
     of version r, i.e. while round r-1 was still being reduced; and the run is exact."""
     out = tmp_path / "run"
+    watch = _Watch(nats_url, job, "params", Params)
     for i in range(2):
         cluster.worker(f"w{i}", test_sample_delay=0.004)  # ~0.13 s per shard: rounds long enough to see
     _run(cluster, out, 2)
     cluster.wait("orch")
+    params = watch.stop()
     assert_verified(out)
     batches = asyncio.run(_stored(nats_url, job, "batches", Batch))
-    params = asyncio.run(_stored(nats_url, job, "params", Params))
     first_batch, first_params = {}, {}
     for batch, at in batches:
         first_batch[batch.round] = min(at, first_batch.get(batch.round, at))
