@@ -60,6 +60,7 @@ def test_a_rank_that_never_finishes_fails_its_row_at_the_deadline(tmp_path):
     assert "\n" not in failed
 
 
+@pytest.mark.slow  # the deadline test above keeps a failing DDP run in the default run
 def test_a_killed_rank_ends_the_run_at_once_and_no_rank_is_left(tmp_path):
     """Rank 1 SIGKILLed mid-run: rank 0 would wait in gloo's all-reduce for its 600 s timeout;
     the run ends at the first failed rank, long before the deadline, with rank 0 killed."""

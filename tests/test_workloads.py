@@ -139,6 +139,7 @@ def user_code(tmp_path):
     return env
 
 
+@pytest.mark.slow  # 23 s; a user's code through the step path end to end stays in the default run (test_own_model's masked step, --step)
 def test_a_user_task_trains_a_regression_exactly(nats_url, job, tmp_path, user_code):
     rng = np.random.default_rng(0)
     w = rng.normal(size=(6, 2)).astype(np.float32)
