@@ -261,12 +261,21 @@ class RunResult:
     error: str = ""
 
 
-def _server_msgs(varz: str) -> tuple[int, int]:
+def _server_msgs(varz: str, wait: float = 0.0) -> tuple[int, int]:
     """(in_msgs, out_msgs) of the server's monitoring endpoint: every message of every client,
-    this benchmark's one round event per round included."""
-    with urllib.request.urlopen(varz, timeout=5) as answer:
-        figures = json.load(answer)
-    return figures["in_msgs"], figures["out_msgs"]
+    this benchmark's one round event per round included.  `wait`: seconds to wait for the
+    endpoint to answer (the server opens it after its client port; a port picked free and not
+    yet bound could otherwise be handed to one of the run's roles)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with urllib.request.urlopen(varz, timeout=5) as answer:
+                figures = json.load(answer)
+            return figures["in_msgs"], figures["out_msgs"]
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 async def pangea_round(cfg: Config, hidden: tuple[int, ...], dataset: Path, workdir: Path) -> RunResult:
@@ -285,6 +294,7 @@ async def pangea_round(cfg: Config, hidden: tuple[int, ...], dataset: Path, work
     with EmbeddedServer(log_file=out / "nats-server.log", monitor_port=free_port()) as server:
         server_pid = server._proc.pid
         varz = f"http://{server.host}:{server.monitor_port}/varz"
+        _server_msgs(varz, wait=10.0)  # bound before `pangea run` picks free ports for its roles
 
         async def on_round(raw: bytes) -> None:
             try:
