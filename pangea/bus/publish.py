@@ -86,11 +86,9 @@ class Publishing:
                 self.room_again(frame[0])
                 return ack.seq
             except (TimeoutError, nats.errors.Error) as exc:
-                if self.closing:
-                    raise BusError(f"the server did not store a message on {frame[0]}: {exc!r}") from None
-                if out_of_storage(exc):
+                if out_of_storage(exc) and not self.closing:
                     await self.wait_for_room(subject=frame[0])
-                elif not await backoff.wait():
+                elif self.closing or not await backoff.wait():
                     raise BusError(f"the server did not store a message on {frame[0]}: {exc!r}") from None
                 else:
                     log.warning("publish to %s not acknowledged (%r); sending it again", frame[0], exc)

@@ -27,8 +27,6 @@ FREES_SPACE = (
     "delete finished jobs (`pangea delete --job NAME`), or raise the server's max_{kind}_store "
     "(its jetstream block) or the account's limit"
 )
-
-
 ROOM_PAUSE = 1.0  # seconds between tries to store in a full JetStream storage
 
 
