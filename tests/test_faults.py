@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pangea.bus.server import EmbeddedServer
-from pangea.train.data import load_dataset
+from pangea.train.data import load_dataset, steps_per_epoch
 from pangea.train.models import build_model
 from pangea.train.tasks import get_task
 from tests.cluster import Cluster, metrics
@@ -18,15 +18,16 @@ from tests.helpers import role_env, run_pangea, start_run
 from tests.yardstick import assert_verified
 
 
-def test_nats_server_restart_mid_run(job, tmp_path):
-    """kill -9 the server mid-run and start it again on the same store: every role reconnects
-    and the run ends with exact parameters."""
+def _server_restarted_mid_run(job: str, tmp_path, *flags: str) -> dict:
+    """kill -9 the server at round 20 of a run and start it again on the same store; the run's
+    metrics, once it ended well and restored the streams the server lost once."""
     server = EmbeddedServer(tmp_path / "store", log_file=tmp_path / "nats.log").start()
     try:
         out = tmp_path / "run"
         proc = start_run(
-            out, job, server.url, "--workers", "2", "--epochs", "3", "--batch-size", "32", "--seed", "6", member_ttl=5
-        )
+            out, job, server.url, "--workers", "2", "--epochs", "3", "--batch-size", "32", "--seed", "6", *flags,
+            member_ttl=5,
+        )  # fmt: skip
         try:
             Cluster(server.url, job, tmp_path).wait_for_round(20)
             server.kill()
@@ -37,10 +38,38 @@ def test_nats_server_restart_mid_run(job, tmp_path):
             if proc.poll() is None:
                 proc.kill()
         assert proc.returncode == 0, stderr[-3000:]
-        assert_verified(out)
         assert "reconnected to NATS" in (out / "logs" / "orchestrator.log").read_text()
+        run = metrics(out)
+        restored = [e for e in run["events"] if e["kind"] == "restore"]
+        assert len(restored) == 1, run["events"]
+        assert "the consumer of pangea." in restored[0]["detail"]
+        return run
     finally:
         server.stop()
+
+
+def test_nats_server_restart_mid_run(job, tmp_path):
+    """Every role reconnects, the gradient and parameter streams the server kept in memory (the
+    default) are created again, the round in hand is asked again, and the run ends with exact
+    parameters."""
+    _server_restarted_mid_run(job, tmp_path)
+    assert_verified(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_a_restarted_server_and_orchestrator_shards(job, tmp_path):
+    """With --shards 2 the shard's mean slice, stored before the restart and lost with it, is
+    stored again; the run is exact."""
+    _server_restarted_mid_run(job, tmp_path, "--shards", "2")
+    assert_verified(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_a_restarted_server_in_async_mode(job, tmp_path):
+    """Async: every global batch in hand is given again, and each is applied or refused once."""
+    run = _server_restarted_mid_run(job, tmp_path, "--mode", "async", "--staleness", "4")
+    assert len(run["loss"]) == 3 * steps_per_epoch(1348, 32)
+    assert run["final_test_accuracy"] >= 0.9, run["test_accuracy"]
 
 
 @pytest.mark.slow

@@ -18,13 +18,13 @@ from collections.abc import AsyncIterator
 
 from pangea.bus.connection import open_connection
 from pangea.bus.consume import Consuming, Delivery, Puller
-from pangea.bus.errors import BusError
+from pangea.bus.errors import BusError, ConsumerLost
 from pangea.bus.publish import PAYLOAD_HEADROOM, Publishing
 from pangea.bus.store import Store
 from pangea.bus.streams import DUPLICATE_WINDOW, Streams
 from pangea.settings import BusSettings
 
-__all__ = ["DUPLICATE_WINDOW", "PAYLOAD_HEADROOM", "Bus", "BusError", "Delivery", "Puller"]
+__all__ = ["DUPLICATE_WINDOW", "PAYLOAD_HEADROOM", "Bus", "BusError", "ConsumerLost", "Delivery", "Puller"]
 
 
 class Bus(Streams, Store, Consuming, Publishing):
@@ -37,6 +37,7 @@ class Bus(Streams, Store, Consuming, Publishing):
         self.js = js
         self.connected = nc is not None
         self.closing = False
+        self.reconnects = 0
         self._kv_handles = {}  # Store: bucket -> KV handle
 
     @classmethod

@@ -36,6 +36,7 @@ class Watcher(Protocol):
 
     connected: bool  # the first connection succeeded: later trouble is logged, not raised
     closing: bool  # closing on purpose: a disconnect is expected
+    reconnects: int  # times the connection came back: consumers check they still exist
 
 
 def options(settings: BusSettings) -> dict:
@@ -131,6 +132,7 @@ async def open_connection(settings: BusSettings, name: str, watcher: Watcher, pu
 
     async def on_reconnect() -> None:
         telemetry.RECONNECTS.inc()
+        watcher.reconnects += 1
         log.warning("reconnected to NATS")
 
     nats.aio.client.DEFAULT_BUFFER_SIZE = max(nats.aio.client.DEFAULT_BUFFER_SIZE, _READ_BYTES)

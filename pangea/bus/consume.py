@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 
 import nats.errors
 import nats.js.errors
@@ -13,7 +14,8 @@ from nats.js import JetStreamContext, api
 
 from pangea import telemetry
 from pangea.bus import frames, subjects
-from pangea.bus.errors import BusError
+from pangea.bus.backoff import RETRY_BUDGET
+from pangea.bus.errors import BusError, ConsumerLost
 from pangea.bus.publish import PAYLOAD_HEADROOM
 from pangea.settings import BusSettings
 
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 ACK_WAIT = 30.0  # an unacknowledged delivery comes back after this long
 _FETCH_BYTES = 8 << 20  # most bytes one pull may ask for
 _CONSUMER_CHECK_SECONDS = 10.0  # after this long without messages, check the consumer still exists
+_REOPEN_PAUSE = 0.5  # seconds between tries to recreate a lost consumer
 
 
 @dataclass
@@ -51,12 +54,22 @@ class Delivery:
 
 
 class Puller:
-    """A pull consumer read one logical message at a time, fetching in batches."""
+    """A pull consumer read one logical message at a time, fetching in batches.
 
-    def __init__(self, sub, batch: int, describe: str) -> None:
+    `open_sub` creates (or binds to) its consumer; `reconnects` counts the connection's
+    reconnections, after each of which the consumer is checked at the next quiet moment: a
+    server that restarted may have lost it (a stream kept in memory goes with the server).
+    """
+
+    def __init__(
+        self, open_sub: Callable[[], Awaitable], sub, batch: int, describe: str, reconnects: Callable[[], int]
+    ) -> None:
+        self._open_sub = open_sub
         self._sub = sub
         self._batch = batch
         self._describe = describe
+        self._reconnects = reconnects
+        self._checked_reconnects = reconnects()
         self._buffer: deque = deque()
         self._frames = frames.Reassembler()
         self.refused = 0  # malformed or stray frames, acked and dropped
@@ -65,7 +78,7 @@ class Puller:
     async def next(self, timeout: float) -> Delivery | None:
         """The next message, or None if nothing complete arrived within `timeout` seconds.
 
-        Raises BusError if the consumer disappeared (the server answers pulls of a deleted
+        Raises ConsumerLost if the consumer disappeared (the server answers pulls of a deleted
         consumer with nothing at all, which would otherwise look like an idle stream).
         """
         loop = asyncio.get_running_loop()
@@ -90,15 +103,46 @@ class Puller:
                 return Delivery(done[0], msg.subject, done[1])
 
     async def _check_consumer(self, now: float) -> None:
-        if now - self._quiet_since < _CONSUMER_CHECK_SECONDS:
+        reconnected = self._reconnects() != self._checked_reconnects
+        if not reconnected and now - self._quiet_since < _CONSUMER_CHECK_SECONDS:
             return
         self._quiet_since = now
         try:
             await self._sub.consumer_info()
         except nats.js.errors.NotFoundError:
-            raise BusError(f"the consumer of {self._describe} is gone (job deleted, or its server lost)") from None
+            raise ConsumerLost(
+                f"the consumer of {self._describe} is gone (its job was deleted, or its server restarted "
+                "and lost the stream)"
+            ) from None
         except (TimeoutError, nats.errors.Error):
-            pass  # the server is unreachable: the connection recovers on its own
+            return  # the server is unreachable: the connection recovers on its own, and we check again
+        self._checked_reconnects = self._reconnects()
+
+    async def reopen(self, budget: float = RETRY_BUDGET) -> None:
+        """Create the lost consumer again, once its stream exists again (the role that owns the
+        stream recreates it), reading the stream from its start; BusError after `budget` seconds.
+        What was fetched from the lost consumer is dropped: the server lost it too."""
+        self._buffer.clear()
+        self._frames = frames.Reassembler()
+        try:
+            await self._sub.unsubscribe()
+        except Exception:  # noqa: BLE001 - the old subscription may be dead already
+            pass
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + budget
+        while True:
+            try:
+                self._sub = await self._open_sub()
+                break
+            except (TimeoutError, nats.errors.Error) as exc:  # the stream is not back yet, or no server
+                if loop.time() + _REOPEN_PAUSE > give_up:
+                    raise BusError(
+                        f"cannot recreate the consumer of {self._describe} within {budget:.0f} s: {exc!r}"
+                    ) from None
+                await asyncio.sleep(_REOPEN_PAUSE)
+        self._checked_reconnects = self._reconnects()
+        self._quiet_since = loop.time()
+        log.warning("the consumer of %s is back", self._describe)
 
     async def _refuse(self, msg, why: str) -> None:
         self.refused += 1
@@ -138,6 +182,7 @@ class Consuming:
     js: JetStreamContext
     max_payload: int
     chunk_bytes: int
+    reconnects: int
 
     async def pull(
         self,
@@ -167,16 +212,18 @@ class Consuming:
             inactive_threshold=inactive_threshold or (None if durable else 600),
             headers_only=headers_only or None,
         )
-        if start_sequence is not None:
-            config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
-            config.opt_start_seq = start_sequence
-        sub = await self.js.pull_subscribe(
-            subject,
-            durable=durable,
-            stream=subjects.stream(job or self.job, what),
-            config=config,
-            pending_bytes_limit=1 << 30,
-        )
+        stream = subjects.stream(job or self.job, what)
+
+        async def open_sub(start: int | None = None):
+            opened = replace(config)
+            if start is not None:
+                opened.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+                opened.opt_start_seq = start
+            return await self.js.pull_subscribe(
+                subject, durable=durable, stream=stream, config=opened, pending_bytes_limit=1 << 30
+            )
+
+        sub = await open_sub(start_sequence)
         # One fetch must stay well under the server's per-client max_pending (64 MB by default):
         # beyond it the server cuts the connection as a slow consumer and the fetched messages
         # come back only after the ack wait (measured: 64 x 1 MB fetches stalled 30 s; and with
@@ -184,7 +231,7 @@ class Consuming:
         # asked again, and two 32 MB pulls were cut).
         largest = self.chunk_bytes + PAYLOAD_HEADROOM if chunked else self.max_payload
         batch = max(1, min(batch, _FETCH_BYTES // largest))
-        return Puller(sub, batch, subject)
+        return Puller(open_sub, sub, batch, subject, lambda: self.reconnects)
 
     async def last_sequence_and_payload(self, what: str, subject: str) -> tuple[int, bytes] | None:
         """The last message stored on `subject`, or None if there is none."""

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from nats.js.errors import NoStreamResponseError
 
 from pangea import telemetry
 from pangea.bus import frames
@@ -36,6 +37,7 @@ class Publishing:
     max_payload: int
     wait_for_room: Callable[..., Awaitable[None]]  # Streams': a full store
     room_again: Callable[[str], None]
+    restore_job_streams: Callable[[], Awaitable[bool]]  # Streams': a stream the server lost
 
     async def publish(self, items: Iterable[tuple[str, bytes, str]]) -> list[int]:
         """Store (subject, payload, msg_id) messages in JetStream, `publish_window` in flight.
@@ -88,6 +90,8 @@ class Publishing:
             except (TimeoutError, nats.errors.Error) as exc:
                 if out_of_storage(exc) and not self.closing:
                     await self.wait_for_room(subject=frame[0])
+                elif isinstance(exc, NoStreamResponseError) and not self.closing and await self.restore_job_streams():
+                    pass  # a restarted server lost the stream (memory storage), and this role made it again
                 elif self.closing or not await backoff.wait():
                     raise BusError(f"the server did not store a message on {frame[0]}: {exc!r}") from None
                 else:

@@ -70,11 +70,16 @@ class Streams:
     job: str
     js: JetStreamContext
     chunk_bytes: int
+    reconnects: int
     _kv_handles: dict  # Store's, dropped with the buckets
     _full: _Full | None = None  # the storage that was full, while waiting for room
+    _params_bytes: int | None = None  # once this role created the job's streams: it owns them
 
     async def ensure_job_streams(self, params_bytes: int) -> None:
-        """Create the job's streams (idempotent).  The params stream keeps a few versions."""
+        """Create the job's streams (idempotent).  The params stream keeps a few versions.
+
+        The role that calls this owns the streams: `restore_job_streams` creates them again."""
+        self._params_bytes = params_bytes
         storage, derived = storage_type(self.settings), storage_type(self.settings, derived=True)
         job = self.job
         configs = [
@@ -114,12 +119,22 @@ class Streams:
         for config in configs:
             await self._ensure_stream(config)
 
+    async def restore_job_streams(self) -> bool:
+        """Create again the job's streams a server lost (it restarted, and kept them in memory),
+        if this role owns them; False if it does not."""
+        if self._params_bytes is None:
+            return False
+        await self.ensure_job_streams(self._params_bytes)
+        return True
+
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
         try:
             await self.js.stream_info(config.name)
         except nats.js.errors.NotFoundError:
             try:
                 await self.js.add_stream(config)
+                if self._params_bytes is not None and self.reconnects:
+                    log.warning("stream %s created again (the server had lost it)", config.name)
             except nats.js.errors.APIError as exc:
                 raise await self.cannot_create(config, exc) from None
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from pangea import telemetry
 from pangea.bus import subjects
+from pangea.bus.client import ConsumerLost
 from pangea.errors import Diverged, Reason, Rejected
 from pangea.roles import intake
 from pangea.train.aggregate import sums_on_wire
@@ -71,7 +72,11 @@ class AsyncTrainer:
                 next_check = time.monotonic() + 0.5
                 await self._membership()
             await self._fill()
-            delivery = await o.inbox.grads.next(timeout=0.1)
+            try:
+                delivery = await o.inbox.grads.next(timeout=0.1)
+            except ConsumerLost as exc:
+                await self._restore_bus(str(exc))
+                continue
             if delivery is None:
                 continue
             done = self._intake(delivery)
@@ -92,6 +97,20 @@ class AsyncTrainer:
             for r in sorted(self.in_hand.pop(worker, set())):
                 if r not in self.resolved:
                     await self._give(r, self._least_busy(), why=f"{worker} left the job")
+
+    async def _restore_bus(self, why: str) -> None:
+        """The server lost the gradient and parameter streams (it restarted, and keeps them in
+        memory): create them and the consumers again, publish the newest parameters again, and
+        give every global batch in hand to its worker again (what it sent is gone)."""
+        o = self.o
+        await o.bus.restore_job_streams()
+        await o.inbox.reopen()
+        await o.publish_params(self.version)
+        self.partial.clear()
+        o.event(self.next_round, "restore", f"{why}: streams and parameters restored")
+        for worker, rounds in sorted(self.in_hand.items()):
+            for r in sorted(rounds - self.resolved):
+                await self._give(r, worker, why="the server lost its gradient")
 
     def _least_busy(self) -> str:
         return min(self.live, key=lambda w: (len(self.in_hand.get(w, ())), w))

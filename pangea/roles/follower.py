@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pangea.bus import subjects
-from pangea.bus.client import Bus, Puller
+from pangea.bus.client import Bus, ConsumerLost, Puller
 from pangea.wire import codec
 from pangea.wire.chunking import Assembler
 from pangea.wire.messages import Params
@@ -69,7 +69,12 @@ class ParamsFollower:
         while until is None or self.stamp < until:
             if until is not None and stop():
                 return
-            delivery = await self.consumer.next(timeout=timeout)
+            try:
+                delivery = await self.consumer.next(timeout=timeout)
+            except ConsumerLost as exc:  # the orchestrator creates the stream again and republishes
+                log.warning("%s: waiting for the orchestrator to publish the parameters again", exc)
+                await self.consumer.reopen()
+                continue
             if delivery is None:
                 if until is None:
                     return

@@ -23,3 +23,9 @@ class Inbox:
                 "grads", subjects.reduced(job), durable="orchestrator-reduced", batch=256, chunked=True
             )
         return cls(grads, reduced)
+
+    async def reopen(self) -> None:
+        """Create the consumers again (a restarted server lost them with their stream)."""
+        for puller in (self.grads, self.reduced):
+            if puller is not None:
+                await puller.reopen()

@@ -25,7 +25,7 @@ import numpy as np
 
 from pangea import telemetry
 from pangea.bus import subjects
-from pangea.bus.client import Bus
+from pangea.bus.client import Bus, ConsumerLost
 from pangea.errors import Diverged, JobError, ModelError, Rejected
 from pangea.roles.asynchronous import AsyncTrainer
 from pangea.roles.checkpoints import CheckpointStore
@@ -458,26 +458,16 @@ class Orchestrator:
                 plan, owners, unplanned, await self.membership.live(), acc, "not plannable since it was planned"
             )
         while not (acc.complete and self.slices.complete):
-            if not acc.complete:
-                delivery = await self.inbox.grads.next(timeout=0.2 if self.slices.complete else 0.05)
-                if delivery is not None:
-                    missing = len(acc.missing())
-                    self.gradients.take(
-                        plan, acc, delivery.payload, generation=self.generation, members=self.membership.known
-                    )
-                    await delivery.ack()
-                    if len(acc.missing()) < missing:
-                        arrived.append(time.monotonic() - started)
-                        if self.deadline.attempt == 0:  # no history yet: the round in hand sets the pace
-                            deadline = min(deadline, started + self.deadline(arrived))
-            if not self.slices.complete:
-                delivery = await self.inbox.reduced.next(timeout=0.2 if acc.complete else 0.05)
-                if delivery is not None:
-                    try:
-                        self.slices.add(plan, self.generation, delivery.payload, self.bus.max_payload)
-                    except Rejected as exc:
-                        self.reject(exc.reason, exc.detail)
-                    await delivery.ack()
+            try:
+                completed = await self._take_one(plan, acc)
+            except ConsumerLost as exc:
+                await self.restore_bus(plan, owners, acc, str(exc))
+                deadline = time.monotonic() + self.deadline(arrived)
+                continue
+            if completed:
+                arrived.append(time.monotonic() - started)
+                if self.deadline.attempt == 0:  # no history yet: the round in hand sets the pace
+                    deadline = min(deadline, started + self.deadline(arrived))
             if acc.complete and self.slices.complete:
                 break
             # A worker that died while publishing may have sent our slice but not a shard's:
@@ -512,6 +502,48 @@ class Orchestrator:
                 waiting = [owners[s] for s in acc.missing()] + self.slices.missing_names()
                 log.warning("round %d still waiting for %s", plan.round, ", ".join(waiting))
                 warn_at = now + self.settings.round_warn_seconds
+
+    async def _take_one(self, plan: RoundPlan, acc: RoundAccumulator) -> bool:
+        """Take what came of the round's gradients (and, with --shards, its reduced slices), if
+        anything did; True when that completed a shard."""
+        completed = False
+        if not acc.complete:
+            delivery = await self.inbox.grads.next(timeout=0.2 if self.slices.complete else 0.05)
+            if delivery is not None:
+                missing = len(acc.missing())
+                self.gradients.take(
+                    plan, acc, delivery.payload, generation=self.generation, members=self.membership.known
+                )
+                await delivery.ack()
+                completed = len(acc.missing()) < missing
+        if not self.slices.complete:
+            delivery = await self.inbox.reduced.next(timeout=0.2 if acc.complete else 0.05)
+            if delivery is not None:
+                try:
+                    self.slices.add(plan, self.generation, delivery.payload, self.bus.max_payload)
+                except Rejected as exc:
+                    self.reject(exc.reason, exc.detail)
+                await delivery.ack()
+        return completed
+
+    async def restore_bus(self, plan: RoundPlan, owners: dict[int, str], acc: RoundAccumulator, why: str) -> None:
+        """The server lost the gradient and parameter streams (it restarted, and keeps them in
+        memory): create them and our consumers again, publish the parameters of the round in
+        hand again, and ask each shard not yet summed of its owner again (the gradients stored
+        before the restart are gone).  At most this round is recomputed."""
+        await self.bus.restore_job_streams()
+        await self.inbox.reopen()
+        await self.publish_params(plan.round)  # the model has not stepped since: this round's version
+        again = acc.missing() if self.slices.complete else list(range(len(plan.shards)))
+        self.event(plan.round, "restore", f"{why}: streams and parameters restored, shards {again} asked again")
+        if again:
+            await self.outbox.plans_stored()
+            self.deadline.attempt += 1
+            self.gradients.late.update((plan.round, s) for s in again)
+            shards_now = tuple(replace(s, worker=owners[i]) for i, s in enumerate(plan.shards))
+            await self.outbox.publish_plan(
+                replace(plan, shards=shards_now, attempt=self.deadline.attempt, reissue=tuple(again))
+            )
 
     async def reissue(
         self,

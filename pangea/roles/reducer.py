@@ -19,9 +19,11 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from pangea import telemetry
 from pangea.bus import subjects
-from pangea.bus.client import Bus, Delivery
+from pangea.bus.client import Bus, ConsumerLost, Delivery
 from pangea.errors import Reason, Rejected, SettingsError
 from pangea.roles.gradients import GradientIntake
 from pangea.roles.jobspec import wait_for_job_spec
@@ -43,6 +45,7 @@ class RoundInHand:
     acc: RoundAccumulator
     pending: list[Delivery] = field(default_factory=list)  # its chunks, acknowledged once its mean is stored
     sent: bool = False  # its mean slice is stored
+    mean: np.ndarray | None = None  # once taken (a restarted server may need it stored again)
 
     @property
     def stamp(self) -> tuple[int, int]:
@@ -85,7 +88,11 @@ class Reducer:
         )
         log.info("orchestrator shard %d of job %s: averaging parameters [%d, %d)", self.shard, self.job, *self.span)
         while not self.final:
-            delivery = await self.grads.next(timeout=0.2)
+            try:
+                delivery = await self.grads.next(timeout=0.2)
+            except ConsumerLost as exc:
+                await self._restore(str(exc))
+                continue
             if delivery is None:
                 await self._read_plans(timeout=0.05)  # idle: re-issues, a new generation, the end
                 continue
@@ -95,6 +102,18 @@ class Reducer:
         log.info(
             "orchestrator shard %d done: %d rounds, rejected %s", self.shard, self.rounds_done, dict(self.rejected)
         )
+
+    async def _restore(self, why: str) -> None:
+        """The server lost the gradient stream (it restarted, and keeps it in memory): consume it
+        again once the orchestrator created it again.  The sum in hand keeps what it counted
+        (the orchestrator asks its shards again: their copies are refused as duplicates), and a
+        mean slice already stored is stored again (it was lost too)."""
+        log.warning("%s: waiting for the orchestrator to create it again", why)
+        await self.grads.reopen()
+        if self.round is not None:
+            self.round.pending = []  # their deliveries went with the stream
+            if self.round.sent:
+                await self._publish()
 
     async def _read_plans(self, timeout: float) -> None:
         """Apply the plans that arrived, waiting up to `timeout` for the first one.
@@ -168,7 +187,9 @@ class Reducer:
 
     async def _publish(self) -> None:
         plan, acc = self.round.plan, self.round.acc
-        mean = acc.mean()
+        if self.round.mean is None:
+            self.round.mean = acc.mean()
+        mean = self.round.mean
 
         def items():
             for chunk, values in split(mean, self.bus.chunk_bytes):
