@@ -105,6 +105,9 @@ class FakeBus:
     async def reclaim(self, what: str, durable: str) -> int | None:
         return None  # no consumer outlives its reader here
 
+    async def delete_consumer(self, what: str, durable: str, job: str | None = None) -> None:
+        pass  # a consumer here is its puller
+
     async def last_sequence_and_payload(self, what: str, subject: str) -> tuple[int, bytes] | None:
         found = [m for m in self.streams.get(what, []) if m.subject == subject]
         return (found[-1].seq, found[-1].payload) if found else None

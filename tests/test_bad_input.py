@@ -110,17 +110,21 @@ async def _attack(nats_url: str, job: str, numel: int, stop: asyncio.Event) -> N
     await send(subjects.batches(job, "w0"), rng.bytes(96))
     await send(subjects.plans(job), rng.bytes(96))
     await send(subjects.params(job), rng.bytes(96))
-    # About the open round: aim at the last plan (not the next round's, planned ahead) while the
-    # slow worker keeps it open.
+    # About the open round: aim at its plan while the slow worker keeps it open.  The last plan
+    # stored is the next round's, planned ahead; the open round's is the one before it (planned
+    # ahead too, or the opening plan of round 0, or a re-issue).
     while not stop.is_set():
         stored = await js.get_last_msg(subjects.stream(job, "plans"), subjects.plans(job))
-        plan = None
+        plan, latest = None, None
         while stored is not None:
             try:
                 plan = codec.decode(stored.data, RoundPlan)
             except codec.CodecError:  # our own garbage plan, until the next real one
                 plan = None
-            if plan is None or not plan.ahead or stored.seq <= 1:
+            if plan is None or stored.seq <= 1:
+                break
+            latest = latest or plan
+            if not latest.ahead or plan.round < latest.round:
                 break
             stored = await js.get_msg(subjects.stream(job, "plans"), stored.seq - 1)
         if plan and not plan.final and plan.shards:

@@ -1,14 +1,18 @@
-"""A restarted reader takes over its durable consumer: on a real nats-server, the messages the
-dead reader had fetched but not acknowledged come to the new one at once, not after the ack
-wait (30 s), and the acknowledged ones before them do not come again."""
+"""Consumers on a real nats-server: a restarted reader takes over its durable consumer (the
+messages the dead reader had fetched but not acknowledged come to the new one at once, not after
+the ack wait, 30 s, and the acknowledged ones before them do not come again); a pull asks for at
+most 8 MB; a consumer lost with a restarted server is reported and reopened."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from pangea.bus import subjects
-from pangea.bus.client import Bus
+from pangea.bus.client import Bus, ConsumerLost
 from pangea.bus.consume import ACK_WAIT
+from pangea.bus.server import EmbeddedServer
 from pangea.settings import BusSettings
 
 
@@ -68,7 +72,9 @@ def test_one_fetch_stays_under_the_servers_max_pending(nats_url, job):
             chunks = await bus.pull("grads", two, durable="chunks", batch=32, chunked=True)
             for puller in (plain, chunks):
                 assert await puller.next(timeout=5) is not None
-            fetched_plain, fetched_chunks = 1 + len(plain._buffer), 1 + len(chunks._buffer)
+            await asyncio.sleep(0.5)  # the rest of each pull's messages arrive
+            fetched_plain, fetched_chunks = (1 + p._sub.pending_msgs for p in (plain, chunks))
+            assert (plain._batch, chunks._batch) == (fetched_plain, fetched_chunks)
             assert fetched_plain == max(1, min(32, (8 << 20) // bus.max_payload))
             assert fetched_chunks == 32  # 8 MB holds 120 chunks of 64 KB: the batch is the bound
             assert fetched_plain * bus.max_payload <= 8 << 20 or fetched_plain == 1
@@ -77,3 +83,41 @@ def test_one_fetch_stays_under_the_servers_max_pending(nats_url, job):
             await bus.close()
 
     asyncio.run(main())
+
+
+def test_a_stream_lost_with_its_server_is_made_again_and_its_consumer_reopened(job, tmp_path):
+    """Gradients and parameters live in memory (the default): a server restart loses their
+    streams.  After the reconnection a reader learns at once that its consumer is gone
+    (ConsumerLost, not an idle stream); the role that created the streams makes them again
+    when it publishes there (or by `restore_job_streams`), and the reader reopens its consumer
+    and reads what comes next.  The batch log, on file, keeps what it had."""
+
+    async def main(server: EmbeddedServer) -> None:
+        settings = BusSettings(nats_url=server.url, job=job)
+        owner, reader = await Bus.connect(settings, "owner"), await Bus.connect(settings, "reader")
+        try:
+            await owner.ensure_job_streams(params_bytes=1 << 10)
+            await owner.publish([(subjects.batches(job, "w0"), b"batch 0", "b0")])
+            grads = await reader.pull("grads", subjects.grads(job), durable="orchestrator")
+            await owner.publish([(subjects.grads(job), b"before", "g0")])
+            assert (await grads.next(timeout=5)).payload == b"before"
+
+            server.kill()
+            server.restart()
+            while not (owner.reconnects and reader.reconnects):
+                await asyncio.sleep(0.05)
+            with pytest.raises(ConsumerLost, match="is gone"):  # at once, not after 10 s of quiet
+                for _ in range(20):
+                    await grads.next(timeout=0.1)
+            await owner.publish([(subjects.params(job), b"params again", "p1")])  # the owner makes them again
+            await grads.reopen(budget=10)
+            await owner.publish([(subjects.grads(job), b"after", "g1")])
+            assert (await grads.next(timeout=5)).payload == b"after"
+            batches = await reader.pull("batches", subjects.batches(job, "w0"), durable="w0")
+            assert (await batches.next(timeout=5)).payload == b"batch 0"
+        finally:
+            await owner.close()
+            await reader.close()
+
+    with EmbeddedServer(tmp_path / "store") as server:
+        asyncio.run(main(server))

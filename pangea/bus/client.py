@@ -7,8 +7,9 @@ consumer slows the publisher down instead of losing data.
 
 `Bus` is one object (a role holds one) made of one part per concern, each its own module:
 `connection` (connect, credentials, one-line failures), `streams` (the job's topology),
-`store` (KV and object-store buckets), `consume` (pull consumers), `publish` (the window
-of JetStream publishes, core events); `backoff` is the one retry schedule they share.
+`store` (KV and object-store buckets), `consume` (opening pull consumers), `puller` (reading
+one), `publish` (the window of JetStream publishes, core events); `backoff` is the one retry
+schedule they share.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from pangea.bus.connection import open_connection
-from pangea.bus.consume import Consuming, Delivery, Puller
+from pangea.bus.consume import Consuming
 from pangea.bus.errors import BusError, ConsumerLost
 from pangea.bus.publish import PAYLOAD_HEADROOM, Publishing
+from pangea.bus.puller import Delivery, Puller
 from pangea.bus.store import Store
 from pangea.bus.streams import DUPLICATE_WINDOW, Streams
 from pangea.settings import BusSettings

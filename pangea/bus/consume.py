@@ -1,177 +1,24 @@
-"""Reading a stream: a pull consumer handed out one logical message at a time."""
+"""Opening and inspecting consumers: pulls of a job's streams, sized to the server, and durable
+consumers taken over, counted and deleted."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
 
-from pangea import telemetry
-from pangea.bus import frames, subjects
-from pangea.bus.backoff import RETRY_BUDGET
-from pangea.bus.errors import BusError, ConsumerLost
+from pangea.bus import subjects
 from pangea.bus.publish import PAYLOAD_HEADROOM
+from pangea.bus.puller import Puller
 from pangea.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
 ACK_WAIT = 30.0  # an unacknowledged delivery comes back after this long
 _FETCH_BYTES = 8 << 20  # most bytes one pull may ask for
-_CONSUMER_CHECK_SECONDS = 10.0  # after this long without messages, check the consumer still exists
-_REOPEN_PAUSE = 0.5  # seconds between tries to recreate a lost consumer
-
-
-@dataclass
-class Delivery:
-    """One logical message pulled from a stream (reassembled if it came in frames)."""
-
-    payload: bytes
-    subject: str
-    _msgs: list = field(default_factory=list, repr=False)
-
-    async def ack(self) -> None:
-        """Acknowledge; if the connection is down the ack is lost and the message comes back,
-        which every role handles as a duplicate."""
-        try:
-            for msg in self._msgs:
-                await msg.ack()
-        except nats.errors.Error as exc:
-            log.debug("ack lost: %r", exc)
-
-    async def in_progress(self) -> None:
-        """Tell the server the message is still being worked on (resets its ack wait)."""
-        try:
-            for msg in self._msgs:
-                await msg.in_progress()
-        except nats.errors.Error as exc:
-            log.debug("in-progress lost: %r", exc)
-
-
-class Puller:
-    """A pull consumer read one logical message at a time, fetching in batches.
-
-    `open_sub` creates (or binds to) its consumer; `reconnects` counts the connection's
-    reconnections, after each of which the consumer is checked at the next quiet moment: a
-    server that restarted may have lost it (a stream kept in memory goes with the server).
-    """
-
-    def __init__(
-        self, open_sub: Callable[[], Awaitable], sub, batch: int, describe: str, reconnects: Callable[[], int]
-    ) -> None:
-        self._open_sub = open_sub
-        self._sub = sub
-        self._batch = batch
-        self._describe = describe
-        self._reconnects = reconnects
-        self._checked_reconnects = reconnects()
-        self._buffer: deque = deque()
-        self._frames = frames.Reassembler()
-        self.refused = 0  # malformed or stray frames, acked and dropped
-        self._quiet_since = asyncio.get_event_loop().time()
-
-    async def next(self, timeout: float) -> Delivery | None:
-        """The next message, or None if nothing complete arrived within `timeout` seconds.
-
-        Raises ConsumerLost if the consumer disappeared (the server answers pulls of a deleted
-        consumer with nothing at all, which would otherwise look like an idle stream).
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            for stale in self._frames.expire():
-                await self._refuse(stale, "incomplete message expired")
-            msg = await self._pop(max(0.001, deadline - loop.time()))
-            if msg is None:
-                await self._check_consumer(loop.time())
-                return None
-            self._quiet_since = loop.time()
-            telemetry.BYTES_IN.inc(len(msg.data))
-            if not frames.is_frame(msg):
-                return Delivery(msg.data, msg.subject, [msg])
-            try:
-                done = self._frames.add(msg)
-            except frames.FrameError as exc:
-                await self._refuse(msg, str(exc))
-                continue
-            if done is not None:
-                return Delivery(done[0], msg.subject, done[1])
-
-    async def _check_consumer(self, now: float) -> None:
-        reconnected = self._reconnects() != self._checked_reconnects
-        if not reconnected and now - self._quiet_since < _CONSUMER_CHECK_SECONDS:
-            return
-        self._quiet_since = now
-        try:
-            await self._sub.consumer_info()
-        except nats.js.errors.NotFoundError:
-            raise ConsumerLost(
-                f"the consumer of {self._describe} is gone (its job was deleted, or its server restarted "
-                "and lost the stream)"
-            ) from None
-        except (TimeoutError, nats.errors.Error):
-            return  # the server is unreachable: the connection recovers on its own, and we check again
-        self._checked_reconnects = self._reconnects()
-
-    async def reopen(self, budget: float = RETRY_BUDGET) -> None:
-        """Create the lost consumer again, once its stream exists again (the role that owns the
-        stream recreates it), reading the stream from its start; BusError after `budget` seconds.
-        What was fetched from the lost consumer is dropped: the server lost it too."""
-        self._buffer.clear()
-        self._frames = frames.Reassembler()
-        try:
-            await self._sub.unsubscribe()
-        except Exception:  # noqa: BLE001 - the old subscription may be dead already
-            pass
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + budget
-        while True:
-            try:
-                self._sub = await self._open_sub()
-                break
-            except (TimeoutError, nats.errors.Error) as exc:  # the stream is not back yet, or no server
-                if loop.time() + _REOPEN_PAUSE > give_up:
-                    raise BusError(
-                        f"cannot recreate the consumer of {self._describe} within {budget:.0f} s: {exc!r}"
-                    ) from None
-                await asyncio.sleep(_REOPEN_PAUSE)
-        self._checked_reconnects = self._reconnects()
-        self._quiet_since = loop.time()
-        log.warning("the consumer of %s is back", self._describe)
-
-    async def _refuse(self, msg, why: str) -> None:
-        self.refused += 1
-        log.warning("refused a frame on %s: %s", msg.subject, why)
-        await msg.ack()
-
-    async def _pop(self, timeout: float):
-        if not self._buffer:
-            try:
-                self._buffer.extend(await self._sub.fetch(self._batch, timeout=timeout))
-            except (TimeoutError, nats.errors.TimeoutError):
-                return None
-            except nats.errors.Error as exc:  # disconnected: the server restarts, we reconnect
-                log.debug("fetch on %s failed: %r", self._describe, exc)
-                await asyncio.sleep(min(timeout, 0.5))
-                return None
-        return self._buffer.popleft() if self._buffer else None
-
-    async def close(self) -> None:
-        """Hand back what was fetched but not handled, so that it is redelivered at once."""
-        while self._buffer:
-            try:
-                await self._buffer.popleft().nak()
-            except Exception:  # noqa: BLE001 - the server redelivers after ack_wait anyway
-                pass
-        try:
-            await self._sub.unsubscribe()
-        except Exception:  # noqa: BLE001 - closing a dead subscription is not an error
-            pass
 
 
 class Consuming:
@@ -197,6 +44,7 @@ class Consuming:
         inactive_threshold: float | None = None,
         headers_only: bool = False,
         chunked: bool = False,
+        acks: bool = True,
     ) -> Puller:
         """A pull consumer on the `what` stream of this job (or of `job`) filtered to `subject`.
 
@@ -204,11 +52,13 @@ class Consuming:
         `chunked`: its messages are tensor chunks (gradients, parameters) of at most
         `chunk_bytes`, so a fetch may ask for more of them than of messages of the max payload
         (a process sending larger chunks than this one's setting makes fetches larger).
+        `acks=False`: the server counts a message handled once it is delivered, and no ack per
+        message goes back; for a reader that can start again from a known point on its own.
         """
         config = api.ConsumerConfig(
-            ack_policy=api.AckPolicy.EXPLICIT,
-            max_ack_pending=max_ack_pending,
-            ack_wait=ACK_WAIT,
+            ack_policy=api.AckPolicy.EXPLICIT if acks else api.AckPolicy.NONE,
+            max_ack_pending=max_ack_pending if acks else None,
+            ack_wait=ACK_WAIT if acks else None,
             inactive_threshold=inactive_threshold or (None if durable else 600),
             headers_only=headers_only or None,
         )
@@ -231,7 +81,7 @@ class Consuming:
         # asked again, and two 32 MB pulls were cut).
         largest = self.chunk_bytes + PAYLOAD_HEADROOM if chunked else self.max_payload
         batch = max(1, min(batch, _FETCH_BYTES // largest))
-        return Puller(open_sub, sub, batch, subject, lambda: self.reconnects)
+        return Puller(open_sub, sub, batch, subject, lambda: self.reconnects, acks)
 
     async def last_sequence_and_payload(self, what: str, subject: str) -> tuple[int, bytes] | None:
         """The last message stored on `subject`, or None if there is none."""

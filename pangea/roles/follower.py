@@ -52,7 +52,10 @@ class ParamsFollower:
             except codec.CodecError:
                 start = None
         # Durable (so it is replicated with the stream and survives losing a cluster node),
-        # removed by the server once the worker is gone for a while.
+        # removed by the server once the worker is gone for a while.  Without acks (one message
+        # fewer per chunk): what it delivered counts as read, so a restarted worker's consumer
+        # is made afresh from two versions back, not taken over from where its last process was.
+        await self.bus.delete_consumer("params", durable)
         self.consumer = await self.bus.pull(
             "params",
             subject,
@@ -61,6 +64,7 @@ class ParamsFollower:
             batch=256,
             inactive_threshold=inactive_threshold,
             chunked=True,
+            acks=False,
         )
 
     async def read(self, until: Stamp | None, timeout: float = 1.0, stop: Callable[[], bool] = lambda: False) -> None:

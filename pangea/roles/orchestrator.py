@@ -281,7 +281,8 @@ class Orchestrator:
         """Round r's plan, published, and the shards whose owner may no longer be planned.
 
         Round r was planned ahead, during round r-1, over the members then (its batches are
-        with the workers already); it opens with that same plan.  A member that left or may
+        with the workers already); it opens with that same plan, not published again (the
+        preprocessor and the orchestrator shards take the plan made ahead as the round's).  A member that left or may
         not be planned since keeps its shard only until `collect` re-issues it, at once (the
         rows stay as planned: no sample is counted twice or lost); one that joined is planned
         from round r+1 on.  Then round r+1 is planned ahead over today's members."""
@@ -292,15 +293,15 @@ class Orchestrator:
             plan, cut = replace(ahead[0], ahead=False), ahead[1]
         else:
             plan, cut = self.plan_round(r, members)
-        publish = [plan]
+        publish = [] if planned_ahead else [plan]  # a round planned ahead opens without a message
         if r + 1 < self.server.total_rounds and self.settings.lookahead:
             self.outbox.ahead = self.plan_round(r + 1, members, ahead=True)
             publish.append(self.outbox.ahead[0])
         if not planned_ahead:
             await self.outbox.publish_plan(*publish)  # the workers wait for these batches
-        else:
-            # The workers hold this round's batches: the plans are stored while gradients come
-            # (`collect` waits for them before it re-issues anything).
+        elif publish:
+            # The workers hold this round's batches: the next round's plan is stored while
+            # gradients come (`collect` waits for it before it re-issues anything).
             self.outbox.plans_later(*publish)
         unplanned = {i: s.worker for i, s in enumerate(plan.shards) if s.worker not in members}
         return plan, cut, unplanned

@@ -56,9 +56,9 @@ class Reducer:
     def __init__(self, settings: ReducerSettings, bus: Bus) -> None:
         self.settings = settings
         self.bus = bus
-        self.shard = settings.shard
         self.rejected: Counter[str] = Counter()
         self.round: RoundInHand | None = None
+        self.ahead: dict[tuple[int, int], RoundPlan] = {}  # plans made ahead of rounds not opened yet
         self.gradients: GradientIntake | None = None  # once the job's spec is read
         self.rounds_done = 0
         self.final = False
@@ -66,6 +66,10 @@ class Reducer:
     @property
     def job(self) -> str:
         return self.settings.job
+
+    @property
+    def shard(self) -> int:
+        return self.settings.shard
 
     @property
     def name(self) -> str:
@@ -142,16 +146,26 @@ class Reducer:
         if plan.final:
             self.final = True
             return
-        if plan.ahead:  # the preprocessor's: the round opens later with the same plan
-            return
         stamp = (plan.generation, plan.round)
+        if plan.ahead:  # the round opens with this plan when its first chunk comes
+            if stamp > self._stamp():
+                self.ahead[stamp] = plan
+            return
         if stamp < self._stamp():
             return
+        if stamp in self.ahead:  # a re-issue of a round planned ahead: open it first
+            await self._open(self.ahead.pop(stamp))
         if stamp == self._stamp():  # a re-issue: more workers may now send these shards
             for s in plan.reissue:
                 self.gradients.give(s, plan.shards[s].worker)
                 self.gradients.late.add((plan.round, s))
             return
+        await self._open(plan)
+
+    async def _open(self, plan: RoundPlan) -> None:
+        """Start averaging the round of `plan`."""
+        stamp = (plan.generation, plan.round)
+        self.ahead = {k: p for k, p in self.ahead.items() if k > stamp}
         await self._drop_pending()  # the previous round is closed (or abandoned by a new generation)
         lo, hi = self.span
         self.round = RoundInHand(
@@ -168,12 +182,25 @@ class Reducer:
         )
         self.gradients.new_round(plan)
 
+    async def _opens(self, grad: Gradient) -> bool:
+        """Open the round of `grad` if it was planned ahead with a shard for its sender, once the
+        round in hand is averaged (its workers had its parameters: ours is stored); True if so."""
+        plan = self.ahead.get((grad.generation, grad.round))
+        if plan is None or (self.round is not None and not self.round.sent):
+            return False
+        if grad.sender not in {s.worker for s in plan.shards}:
+            return False
+        await self._open(self.ahead.pop((grad.generation, grad.round)))
+        return True
+
     async def _intake(self, delivery: Delivery) -> None:
         grad = self.gradients.decode(delivery.payload)
         if grad is not None:
-            # A worker computes only after its plan is stored: if this chunk is news, read the plans.
-            if not self._knows(grad):
+            # A worker computes only after its plan is stored: if this chunk is news, the round
+            # it opens was planned ahead, or its plan is on its way.
+            if not self._knows(grad) and not await self._opens(grad):
                 await self._read_plans(timeout=1.0)
+                await self._opens(grad)
             if self.round is None:
                 self.gradients.refuse(grad, Rejected(Reason.FUTURE_ROUND, f"round {grad.round} before any plan"))
             elif self.round.sent and grad.round == self.round.plan.round:
