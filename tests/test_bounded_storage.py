@@ -1,5 +1,5 @@
-"""A nats-server whose JetStream storage is bounded (`max_file_store`, as every production server
-sets one): a job it has no room for, and a job that fills it mid-run, each end in one line
+"""A nats-server whose JetStream storage is bounded (`max_file_store`, `max_memory_store`, as
+every production server sets them): a job it has no room for, and a job that fills it mid-run, each end in one line
 naming the stream and what frees space, with the user-error exit code and no restart; with
 more room the job runs, or resumes, and verifies exact.
 
@@ -33,19 +33,24 @@ def _stopped_for_storage(result: subprocess.CompletedProcess, *needles: str) -> 
 
 
 @pytest.mark.slow
-def test_a_server_too_small_for_the_job_is_one_line_then_the_job_runs(tmp_path, job):
-    store = tmp_path / "store"
-    with EmbeddedServer(store, jetstream_limits="max_file_store: 100KB") as small:  # < the parameters' 154 KB
+@pytest.mark.parametrize("derived", ["memory", "file"])
+def test_a_server_too_small_for_the_job_is_one_line_then_the_job_runs(tmp_path, job, derived):
+    """The parameter stream reserves four versions (~620 KB for digits' MLP) where the server
+    keeps it: in memory (the default) or on file (PANGEA_DERIVED_STORAGE=file)."""
+    store, limit = tmp_path / "store", f"max_{derived}_store"
+    with EmbeddedServer(store, jetstream_limits=f"{limit}: 100KB") as small:
         refused = run_pangea(
             "run", "--job", job, "--workers", "1", "--epochs", "1", "--out", str(tmp_path / "a"),
-            env=role_env(small.url, full_store_wait=5),
+            env=role_env(small.url, full_store_wait=5, derived_storage=derived),
         )  # fmt: skip
-    _stopped_for_storage(refused, "cannot create stream", "has no room for", "max_file_store", "pangea delete --job")
+    _stopped_for_storage(
+        refused, "cannot create stream", f"JetStream {derived} storage has no room for", limit, "pangea delete --job"
+    )
 
-    with EmbeddedServer(store, jetstream_limits="max_file_store: 64MB") as bigger:
+    with EmbeddedServer(store, jetstream_limits=f"{limit}: 64MB") as bigger:
         ran = run_pangea(
             "run", "--job", job, "--workers", "1", "--epochs", "1", "--out", str(tmp_path / "b"),
-            env=role_env(bigger.url),
+            env=role_env(bigger.url, derived_storage=derived),
         )  # fmt: skip
     assert ran.returncode == 0, _said(ran)[-3000:]
     assert_verified(tmp_path / "b")

@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 DUPLICATE_WINDOW = 600.0  # seconds in which a resent msg id is stored once
 # JetStream's answers when the server's or the account's storage limit leaves no room:
 # 10023 "insufficient resources" (a publish), 10047 "insufficient storage resources available"
-# (a stream whose max_bytes cannot be reserved).
-OUT_OF_STORAGE = frozenset({10023, 10047})
+# and 10028 "insufficient memory resources available" (a file or memory stream whose max_bytes
+# cannot be reserved).
+OUT_OF_STORAGE = frozenset({10023, 10028, 10047})
 FREES_SPACE = (
     "keep fewer batches (PANGEA_BATCH_RETENTION_ROUNDS or PANGEA_BATCH_RETENTION_BYTES), "
     "delete finished jobs (`pangea delete --job NAME`), or raise the server's max_{kind}_store "
