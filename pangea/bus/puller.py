@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 _CONSUMER_CHECK_SECONDS = 10.0  # after this long without messages, check the consumer still exists
 _REOPEN_PAUSE = 0.5  # seconds between tries to recreate a lost consumer
 _PULL_SECONDS = 30.0  # how long one pull request stays open on the server
+_REFUSED_PAUSE = 0.05  # seconds before asking again after a pull refused outright (a 409)
 _HEARTBEAT = "100"  # the status of an idle heartbeat or flow-control message (not the end of a pull)
 
 
@@ -197,6 +198,9 @@ class Puller:
                 self._pull.credit -= 1
                 return msg
             if status != _HEARTBEAT:  # 408 expired, 409 ended (max bytes, leader change...), 404
+                if status != "408" and self._pull.credit == self._batch:
+                    # Refused before it delivered anything: pause, not a request per reply.
+                    await asyncio.sleep(max(0.0, min(_REFUSED_PAUSE, deadline - loop.time())))
                 self._pull.credit = 0
 
     async def _request(self, now: float) -> bool:

@@ -22,6 +22,15 @@ from pangea.wire.messages import RoundPlan
 log = logging.getLogger(__name__)
 
 
+def _background(work) -> asyncio.Task:
+    """A task whose failure is raised where it is awaited, and retrieved even if it never is
+    (an orchestrator that stops for another reason would print "Task exception was never
+    retrieved" with a traceback)."""
+    task = asyncio.create_task(work)
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return task
+
+
 class Outbox:
     def __init__(self, bus: Bus, job: str, demand: Demand) -> None:
         self.bus, self.job = bus, job
@@ -50,7 +59,7 @@ class Outbox:
                 await previous
             await self._store(plans)
 
-        self._planning = asyncio.create_task(store())
+        self._planning = _background(store())
 
     async def _store(self, plans: tuple[RoundPlan, ...]) -> None:
         await self.bus.publish(
@@ -80,7 +89,7 @@ class Outbox:
             await self.bus.kv_put(subjects.job_bucket(self.job), subjects.JobKey.ROUND, done)
             await self.publish_demand()
 
-        self._reporting = asyncio.create_task(store())
+        self._reporting = _background(store())
 
     async def reported(self) -> None:
         """Wait for the last round's progress to be stored (a failure to store it raises here)."""
