@@ -282,10 +282,11 @@ class Orchestrator:
 
         Round r was planned ahead, during round r-1, over the members then (its batches are
         with the workers already); it opens with that same plan, not published again (the
-        preprocessor and the orchestrator shards take the plan made ahead as the round's).  A member that left or may
-        not be planned since keeps its shard only until `collect` re-issues it, at once (the
-        rows stay as planned: no sample is counted twice or lost); one that joined is planned
-        from round r+1 on.  Then round r+1 is planned ahead over today's members."""
+        preprocessor and the orchestrator shards take the plan made ahead as the round's).  A
+        member that left or may not be planned since keeps its shard only until `collect`
+        re-issues it, at once (the rows stay as planned: no sample is counted twice or lost); one
+        that joined is planned from round r+1 on.  Then round r+1 is planned ahead over today's
+        members."""
         members = await self.membership.for_round(r)
         ahead, self.outbox.ahead = self.outbox.ahead, None
         planned_ahead = ahead is not None and ahead[0].round == r
@@ -538,13 +539,7 @@ class Orchestrator:
         again = acc.missing() if self.slices.complete else list(range(len(plan.shards)))
         self.event(plan.round, "restore", f"{why}: streams and parameters restored, shards {again} asked again")
         if again:
-            await self.outbox.plans_stored()
-            self.deadline.attempt += 1
-            self.gradients.late.update((plan.round, s) for s in again)
-            shards_now = tuple(replace(s, worker=owners[i]) for i, s in enumerate(plan.shards))
-            await self.outbox.publish_plan(
-                replace(plan, shards=shards_now, attempt=self.deadline.attempt, reissue=tuple(again))
-            )
+            await self._publish_attempt(plan, owners, again)
 
     async def reissue(
         self,
@@ -563,18 +558,23 @@ class Orchestrator:
         choice = pick_replacements(shards, candidates, idle, self.gradients.assigned)
         if not choice:
             return False
-        await self.outbox.plans_stored()  # a re-issue comes after the plan it changes
-        self.deadline.attempt += 1
-        self.gradients.late.update((plan.round, s) for s in choice)
         for shard, worker in choice.items():
             self.event(plan.round, "reassign", f"shard {shard} of {owners[shard]} ({why}) -> {worker}")
             owners[shard] = worker
             self.gradients.give(shard, worker)
+        await self._publish_attempt(plan, owners, choice)
+        return True
+
+    async def _publish_attempt(self, plan: RoundPlan, owners: dict[int, str], shards) -> None:
+        """A new attempt of the round's plan: `shards` (computed again by their `owners`), the
+        others as they were; a late copy of any of them is expected, not a duplicate."""
+        await self.outbox.plans_stored()  # a re-issue comes after the plan it changes
+        self.deadline.attempt += 1
+        self.gradients.late.update((plan.round, s) for s in shards)
         shards_now = tuple(replace(s, worker=owners[i]) for i, s in enumerate(plan.shards))
         await self.outbox.publish_plan(
-            replace(plan, shards=shards_now, attempt=self.deadline.attempt, reissue=tuple(sorted(choice)))
+            replace(plan, shards=shards_now, attempt=self.deadline.attempt, reissue=tuple(sorted(shards)))
         )
-        return True
 
     def _check_divergence(self, plan: RoundPlan, acc: RoundAccumulator, live: list[str]) -> None:
         """NaN/Inf gradients for every missing shard, from two workers each (or from the only
